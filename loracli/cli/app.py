@@ -1,0 +1,210 @@
+"""The `loracli` command line: thin commands over the plan and run modules.
+
+Nothing here imports torch: `loracli --help`, `plan`, `presets`, `config` and
+`init` stay fast. `train` imports the run side only when it starts training.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, TypeVar
+
+import typer
+
+from loracli import __version__
+from loracli.errors import LoracliError
+
+F = TypeVar("F", bound=Callable)
+
+app = typer.Typer(
+    name="loracli",
+    help="Train LoRA and LyCORIS adapters for Stable Diffusion, the sd-scripts way, with fewer surprises.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    epilog="Examples:\n\n  loracli init my-lora\n\n  loracli plan --preset dadapt-v3 --config my-lora/loracli.toml\n\n"
+    "  loracli train --preset dadapt-v3 --config my-lora/loracli.toml",
+)
+presets_app = typer.Typer(help="List, show and copy presets.", no_args_is_help=True, rich_markup_mode=None)
+config_app = typer.Typer(help="Validate and show configs.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(presets_app, name="presets")
+app.add_typer(config_app, name="config")
+
+
+def err(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
+def guarded(fn: F) -> F:
+    """Turn loracli errors into one line per problem and the documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoracliError as exc:
+            for problem in exc.problems:
+                err(f"error: {problem.render()}")
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="The TOML config file.", show_default=False)
+PresetOpt = typer.Option(None, "--preset", "-p", help="A preset name or file; repeat to compose, left to right.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override one value: section.key=value (TOML value).")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"loracli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Show the version."),
+) -> None:
+    """Train LoRA and LyCORIS adapters for Stable Diffusion."""
+
+
+def _resolve(config: Optional[Path], preset: Optional[List[str]], set_: Optional[List[str]]):
+    from loracli.config.loader import resolve_config
+
+    return resolve_config(config, preset or [], set_ or [])
+
+
+@app.command(
+    epilog="Examples:\n\n  loracli plan --config examples/tiny/loracli.toml\n\n"
+    "  loracli plan --preset prodigy --preset locon --config my.toml --json\n\n"
+    "  loracli plan --config my.toml --set training.max_train_epochs=20 --strict",
+)
+@guarded
+def plan(
+    config: Optional[Path] = ConfigOpt,
+    preset: Optional[List[str]] = PresetOpt,
+    set_: Optional[List[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    strict: bool = typer.Option(False, "--strict", help="Treat warnings as errors."),
+) -> None:
+    """Show buckets, steps, epochs and warnings before spending GPU hours."""
+    from loracli.cli.plan_view import check_strict, print_plan
+    from loracli.plan import build_plan
+
+    resolved = _resolve(config, preset, set_)
+    the_plan = build_plan(resolved)
+    if as_json:
+        print(the_plan.to_json())
+    else:
+        print_plan(resolved, the_plan)
+    check_strict(the_plan, strict)
+
+
+@app.command(
+    epilog="Examples:\n\n  loracli train --preset dadapt-v3 --config examples/tiny/loracli.toml\n\n"
+    "  loracli train --config my.toml --set training.max_train_epochs=20 --output-dir runs",
+)
+@guarded
+def train(
+    config: Optional[Path] = ConfigOpt,
+    preset: Optional[List[str]] = PresetOpt,
+    set_: Optional[List[str]] = SetOpt,
+    strict: bool = typer.Option(False, "--strict", help="Treat warnings as errors."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Overrides output.output_dir."),
+) -> None:
+    """Validate, plan, write a run folder, then train."""
+    from loracli.cli.train_cmd import run_train
+
+    overrides = list(set_ or [])
+    if output_dir is not None:
+        overrides.append(f"output.output_dir={json.dumps(str(output_dir.absolute()))}")
+    run_train(_resolve(config, preset, overrides), strict)
+
+
+@presets_app.command(
+    "list", epilog="Examples:\n\n  loracli presets list\n\n  LORACLI_PRESETS=~/my-presets loracli presets list"
+)
+@guarded
+def presets_list() -> None:
+    """List the built-in and user presets."""
+    from loracli.cli.presets_cmd import list_presets
+
+    list_presets()
+
+
+@presets_app.command("show", epilog="Examples:\n\n  loracli presets show dadapt-v3\n\n  loracli presets show ./my.toml")
+@guarded
+def presets_show(name: str = typer.Argument(..., help="Preset name or file.")) -> None:
+    """Every value a preset sets, with its note and source."""
+    from loracli.cli.presets_cmd import show_preset
+
+    show_preset(name)
+
+
+@presets_app.command(
+    "copy", epilog="Examples:\n\n  loracli presets copy prodigy my-prodigy.toml\n\n  loracli presets copy locon presets-dir/"
+)
+@guarded
+def presets_copy(
+    name: str = typer.Argument(..., help="Preset to copy."),
+    dest: Path = typer.Argument(..., help="Destination file or folder."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Copy a preset out for editing (use it with --preset PATH)."""
+    from loracli.cli.presets_cmd import copy_preset
+
+    copy_preset(name, dest, force)
+
+
+@config_app.command(
+    "validate",
+    epilog="Examples:\n\n  loracli config validate my.toml\n\n  loracli config validate my.toml --preset prodigy",
+)
+@guarded
+def config_validate(
+    file: Path = typer.Argument(..., help="The config file."),
+    preset: Optional[List[str]] = PresetOpt,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Check a config file: keys, types and the config rules (not the dataset)."""
+    from loracli.cli.config_cmd import validate
+
+    validate(_resolve(file, preset, set_))
+
+
+@config_app.command(
+    "show",
+    epilog="Examples:\n\n  loracli config show --config my.toml --preset dadapt-v3 --explain\n\n"
+    "  loracli config show --config my.toml --preset prodigy --set training.seed=1",
+)
+@guarded
+def config_show(
+    config: Optional[Path] = ConfigOpt,
+    preset: Optional[List[str]] = PresetOpt,
+    set_: Optional[List[str]] = SetOpt,
+    explain: bool = typer.Option(False, "--explain", help="Show where each value comes from."),
+) -> None:
+    """Print the resolved config (TOML)."""
+    from loracli.cli.config_cmd import show
+
+    show(config, preset or [], set_ or [], explain)
+
+
+@app.command(epilog="Examples:\n\n  loracli init\n\n  loracli init my-lora && loracli plan --config my-lora/loracli.toml")
+@guarded
+def init(
+    directory: Path = typer.Argument(Path("."), help="Folder for the new loracli.toml."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing loracli.toml."),
+) -> None:
+    """Write a commented starter config."""
+    from loracli.cli.config_cmd import write_starter
+
+    write_starter(directory, force)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,98 @@
+"""`loracli config validate|show` and `loracli init`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from loracli.config.loader import DEFAULT, ResolvedConfig, _flatten, resolve_config
+from loracli.errors import ConfigError, Problem
+from loracli.family import family_for
+from loracli.lint import lint_config
+
+
+def validate(resolved: ResolvedConfig) -> None:
+    findings = lint_config(resolved.config, family_for(resolved.config.model.v2), resolved.origins)
+    errors = [f for f in findings if f.level == "error"]
+    if errors:
+        raise ConfigError([Problem(f.key, f"[{f.code}] {f.message}", f.hint) for f in errors])
+    for f in findings:
+        print(f.render())
+    print(f"{resolved.config_path}: ok ({len(findings)} warning(s); the dataset is checked by `loracli plan`)")
+
+
+def resolved_toml(resolved: ResolvedConfig) -> str:
+    """The resolved config as TOML (unset optional values are left out: TOML has no null)."""
+    return tomli_w.dumps(resolved.config.model_dump(mode="json", exclude_none=True))
+
+
+def show(config: Path | None, presets: list[str], overrides: list[str], explain: bool) -> None:
+    resolved = resolve_config(config, presets, overrides)
+    if not explain:
+        print(resolved_toml(resolved), end="")
+        return
+    data = resolved.config.model_dump(mode="json", exclude_none=True)
+    for section, table in data.items():
+        print(f"[{section}]")
+        for key, value in _flatten(table).items():
+            dotted = f"{section}.{key}"
+            origin = resolved.origins.get(dotted) or resolved.origins.get(f"{section}.{key.split('.')[0]}", DEFAULT)
+            print(f"{_toml_line(key, value):<60} # {origin}")
+        print()
+
+
+def _toml_line(key: str, value: Any) -> str:
+    # Dotted keys (optimizer_args.decouple) are valid TOML, so each leaf is one line.
+    return f"{key} = " + tomli_w.dumps({"x": value}).strip().removeprefix("x = ")
+
+
+STARTER = '''# loracli config. Values use sd-scripts' option names; see `loracli config show --explain`.
+# Paths are relative to this file. Presets (loracli presets list) fill in the rest:
+#   loracli plan  --preset dadapt-v3 --config loracli.toml
+#   loracli train --preset dadapt-v3 --config loracli.toml
+
+[model]
+# A diffusers model folder, or "tiny:sd15" (a tiny random model for smoke tests on a CPU).
+pretrained_model_name_or_path = "tiny:sd15"
+# clip_skip = 2                 # 2 for NAI-derived anime models
+
+[dataset]
+# The PARENT of folders named <repeats>_<name>, e.g. dataset/1_mychar/001.png + 001.txt
+train_data_dir = "dataset"
+# reg_data_dir = "reg"
+resolution = 512
+enable_bucket = true
+caption_extension = ".txt"
+# shuffle_caption = true
+# keep_tokens = 1
+
+[network]
+# algo = "lora"                 # lora, locon, loha, lokr
+# network_dim = 32
+# network_alpha = 16
+
+[training]
+max_train_epochs = 10
+# train_batch_size = 2
+# seed = 42
+
+[output]
+output_name = "my-lora"
+output_dir = "runs"
+# save_every_n_epochs = 2
+'''
+
+
+def write_starter(directory: Path, force: bool) -> None:
+    target = directory / "loracli.toml"
+    if target.exists() and not force:
+        raise ConfigError(Problem(str(target), "already exists", "pass --force to overwrite"))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "dataset").mkdir(exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(STARTER, encoding="utf-8")
+    tmp.replace(target)
+    print(f"wrote {target}; put images in {directory / 'dataset'}/<repeats>_<name>/ and run "
+          f"`loracli plan --config {target}`")

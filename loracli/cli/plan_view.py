@@ -1,0 +1,69 @@
+"""How a plan reads in a terminal: dataset, buckets, steps, saves, warnings."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from loracli.config.loader import ResolvedConfig
+from loracli.errors import ConfigError, Problem
+from loracli.plan import Plan
+
+
+def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    cfg = resolved.config
+    presets = ", ".join(p.name for p in resolved.presets) or "none"
+    console.print(f"[bold]loracli plan[/bold]  config: {resolved.config_path or '-'}  presets: {presets}")
+    console.print(f"model: {cfg.model.pretrained_model_name_or_path} ({plan.model_family})  "
+                  f"network: {cfg.network.algo} dim {cfg.network.dim} alpha {cfg.network.alpha:g}  "
+                  f"optimizer: {cfg.optimizer.optimizer_type}, {cfg.optimizer.lr_scheduler}")
+
+    per_subset: dict[tuple[str, bool], list] = defaultdict(list)
+    for image in plan.images:
+        per_subset[(image.subset, image.is_reg)].append(image)
+    table = Table(title="dataset", title_justify="left")
+    for col in ("folder", "kind", "images", "repeats", "samples", "captions"):
+        table.add_column(col, justify="right" if col in ("images", "repeats", "samples") else "left")
+    for (subset, is_reg), images in per_subset.items():
+        captioned = sum(1 for i in images if i.caption_source == "file")
+        repeats = sorted({i.repeats for i in images})
+        table.add_row(subset, "reg" if is_reg else "train", str(len(images)),
+                      "/".join(map(str, repeats)), str(sum(i.repeats for i in images)),
+                      f"{captioned}/{len(images)} from files")
+    console.print(table)
+    console.print(f"num train images × repeats: {plan.num_train_images}   num reg images: {plan.num_reg_images}"
+                  + (f"   skipped: {len(plan.skipped)}" if plan.skipped else ""))
+
+    buckets = Table(title="buckets", title_justify="left")
+    for col in ("resolution", "images×repeats", "batches"):
+        buckets.add_column(col, justify="right")
+    for b in plan.buckets:
+        w, h = b["resolution"]
+        buckets.add_row(f"{w}x{h}", str(b["count"]), str(b["batches"]))
+    console.print(buckets)
+    if plan.mean_ar_error is not None:
+        console.print(f"mean aspect-ratio error: {plan.mean_ar_error:.4f}")
+
+    console.print(f"[bold]steps[/bold]: {plan.formula}")
+    console.print(f"batches per epoch: {plan.batches_per_epoch}  steps per epoch: {plan.steps_per_epoch}  "
+                  f"epochs: {plan.epochs}  total steps: {plan.total_steps}  warmup steps: {plan.warmup_steps}")
+    console.print(f"files: {', '.join(plan.expected_files)}")
+    for note in plan.notes:
+        console.print(f"note: {note}", markup=False)
+    for w in plan.warnings:
+        line = f"warning [{w['code']}] {w['key']}: {w['message']}"
+        if w["hint"]:
+            line += f"; {w['hint']}"
+        if w["source"]:
+            line += f" (source: {w['source']})"
+        console.print(line, style="yellow", markup=False)
+
+
+def check_strict(plan: Plan, strict: bool) -> None:
+    """--strict: any warning is fatal (exit 2)."""
+    if strict and plan.warnings:
+        raise ConfigError([Problem(w["key"], f"[{w['code']}] {w['message']} (--strict)", w["hint"])
+                           for w in plan.warnings])

@@ -1,0 +1,54 @@
+"""`loracli presets list|show|copy`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from loracli.config.loader import _flatten
+from loracli.config.presets import available, load_preset
+from loracli.errors import ConfigError, Problem
+
+
+def list_presets() -> None:
+    table = Table(title="presets", title_justify="left")
+    for col in ("name", "description", "source", "file"):
+        table.add_column(col)
+    for name in available():
+        p = load_preset(name)
+        table.add_row(name, p.description, p.source, str(p.path))
+    Console(highlight=False).print(table)
+
+
+def show_preset(name: str) -> None:
+    p = load_preset(name)
+    console = Console(highlight=False)
+    console.print(f"[bold]{p.name}[/bold]: {p.description}", markup=True)
+    console.print(f"source: {p.source}", markup=False)
+    console.print(f"for: {p.purpose}", markup=False)
+    console.print(f"file: {p.path}", markup=False)
+    table = Table()
+    for col in ("key", "value", "note"):
+        table.add_column(col)
+    for key, value in _flatten(p.values).items():
+        section_key = key if key.count(".") < 2 else key.rsplit(".", 1)[0]
+        note = p.notes.get(key) or p.notes.get(section_key, "")
+        table.add_row(key, repr(value) if isinstance(value, str) else str(value).lower()
+                      if isinstance(value, bool) else str(value), note)
+    console.print(table)
+
+
+def copy_preset(name: str, dest: Path, force: bool) -> None:
+    p = load_preset(name)
+    target = dest / p.path.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        raise ConfigError(Problem(str(target), "already exists", "pass --force to overwrite"))
+    if not target.parent.is_dir():
+        raise ConfigError(Problem(str(target.parent), "folder does not exist", "create it first"))
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(p.path, tmp)
+    tmp.replace(target)  # atomic: never a half-written preset
+    print(f"copied {p.name} to {target}; use it with --preset {target}")

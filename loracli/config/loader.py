@@ -1,0 +1,204 @@
+"""Resolve a config from its layers and report every problem at once.
+
+Layers, lowest first: built-in defaults < presets (left to right) < config
+file < --set. Each leaf remembers which layer set it, so errors and
+`config show --explain` can say where a value came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from loracli.config.presets import Preset, load_preset
+from loracli.config.schema import SECTIONS, LoracliConfig, all_keys
+from loracli.errors import ConfigError, Problem
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Paths in a config file are relative to that file, so a config and its
+# dataset can move together; paths given with --set are relative to the cwd.
+PATH_KEYS = {
+    "dataset.train_data_dir",
+    "dataset.reg_data_dir",
+    "network.network_weights",
+    "output.output_dir",
+    "sample.sample_prompts",
+    "logging.logging_dir",
+}
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class Layer:
+    label: str  # "preset NAME", "file PATH", "--set"
+    values: dict[str, Any]  # nested by section
+    path: Path | None = None
+
+
+@dataclass
+class ResolvedConfig:
+    config: LoracliConfig
+    origins: dict[str, str]  # dotted key -> layer label (absent = default)
+    layers: list[Layer] = field(default_factory=list)
+    presets: list[Preset] = field(default_factory=list)
+    config_path: Path | None = None
+
+    def origin(self, dotted: str) -> str:
+        return self.origins.get(dotted, DEFAULT)
+
+
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a one-line config error."""
+    if not path.is_file():
+        raise ConfigError(Problem(str(path), f"{what} not found", hint="check the path"))
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(Problem(str(path), f"{what} is not UTF-8 text")) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            Problem(str(path), f"malformed TOML: {exc}", hint="see https://toml.io for the syntax")
+        ) from None
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """`section.key=value`; the value is read as a TOML value, else as a plain string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+        raise ConfigError(
+            Problem(f"--set {item}", "expected section.key=value", hint="e.g. --set training.max_train_epochs=10")
+        )
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def nest(dotted: str, value: Any) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    return {head: nest(rest, value) if rest else value}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Leaves by dotted key; tables inside a section (optimizer_args) flatten too."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_paths(values: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        table = out.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str):
+            p = Path(table[key]).expanduser()
+            table[key] = str(p if p.is_absolute() else (base_dir / p))
+    return out
+
+
+def _did_you_mean(section: str | None, key: str) -> str:
+    keys = all_keys()
+    if section is None:  # an unknown top-level name
+        close = difflib.get_close_matches(key, list(keys), n=1)
+        if close:
+            return f"did you mean [{close[0]}]?"
+        home = [s for s, names in keys.items() if key in names]
+        if home:
+            return f"{key} belongs in the [{home[0]}] section"
+        return f"valid sections: {', '.join(keys)}"
+    names = keys.get(section, [])
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {section}.{close[0]}?"
+    home = [s for s, n in keys.items() if key in n]
+    if home:
+        return f"{key} belongs in the [{home[0]}] section ({home[0]}.{key})"
+    return f"see `loracli config show --explain` for the keys of [{section}]"
+
+
+def _problem_from_error(err: dict[str, Any], origins: dict[str, str], layers: list[Layer]) -> Problem:
+    loc = [str(p) for p in err["loc"]]
+    dotted = ".".join(loc)
+    origin = origins.get(dotted) or origins.get(".".join(loc[:2])) or DEFAULT
+    where = dotted
+    for layer in layers:  # name the file that holds the bad value
+        if layer.label == origin and layer.path is not None:
+            where = f"{layer.path}: {dotted}"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section = loc[0] if len(loc) > 1 else None
+        return Problem(where, "unknown key", hint=_did_you_mean(section, loc[-1]), origin=origin)
+    if kind == "missing":
+        return Problem(where, "required but not set", hint=f"add `{loc[-1]} = ...` under [{loc[0]}]")
+    message = err["msg"].removeprefix("Value error, ")
+    return Problem(where, f"{message} (got {err.get('input')!r})", origin=origin)
+
+
+def resolve_config(
+    config_path: Path | None = None,
+    presets: list[str] | tuple[str, ...] = (),
+    overrides: list[str] | tuple[str, ...] = (),
+) -> ResolvedConfig:
+    """Build the validated config from presets, a config file and --set items."""
+    layers: list[Layer] = []
+    loaded: list[Preset] = []
+    problems: list[Problem] = []
+    for name in presets:
+        preset = load_preset(name)
+        loaded.append(preset)
+        layers.append(Layer(f"preset {preset.name}", preset.values, preset.path))
+    if config_path is not None:
+        values = read_toml(config_path)
+        values = _resolve_paths(values, config_path.resolve().parent)
+        layers.append(Layer(f"file {config_path}", values, config_path))
+    set_values: dict[str, Any] = {}
+    for item in overrides:
+        key, value = parse_set(item)
+        if key in PATH_KEYS and isinstance(value, str):
+            value = str(Path(value).expanduser().absolute())
+        set_values = _merge(set_values, nest(key, value))
+    if set_values:
+        layers.append(Layer("--set", set_values))
+
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for layer in layers:
+        for section, table in layer.values.items():
+            if section in SECTIONS and not isinstance(table, dict):
+                problems.append(Problem(f"{layer.path or layer.label}: {section}", "must be a [section] table"))
+        merged = _merge(merged, layer.values)
+        origins.update({k: layer.label for k in _flatten(layer.values)})
+    if problems:
+        raise ConfigError(problems)
+    try:
+        config = LoracliConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError([_problem_from_error(e, origins, layers) for e in exc.errors()]) from None
+    return ResolvedConfig(config, origins, layers, loaded, config_path)

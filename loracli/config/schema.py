@@ -1,0 +1,245 @@
+"""The config schema: every option, its default and its validation, in one place.
+
+Leaf names are sd-scripts' argument names, so values from guides paste
+straight in. Sections only group them. Defaults are sd-scripts' defaults except
+where loracli deliberately differs (see README, "Differences from sd-scripts"):
+`caption_extension` is ".txt" and no step/epoch count is assumed.
+Cross-section rules (those that need several values or the dataset) live in
+`loracli.lint`; this module checks what a single value can get wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Resolution = Union[int, tuple[int, int]]
+OptimizerArg = Union[bool, int, float, str, list[Union[bool, int, float, str]]]
+
+SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "adafactor",
+)
+Scheduler = Literal[
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "adafactor",
+]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class ModelSection(Section):
+    pretrained_model_name_or_path: str = Field(
+        description='A diffusers model folder, or "tiny:sd15" (built-in tiny random model for smoke tests).'
+    )
+    v2: bool = Field(False, description="The base model is SD 2.x.")
+    v_parameterization: bool = Field(False, description="Train with v-prediction targets (SD 2.x 768-v).")
+    clip_skip: int | None = Field(
+        None, ge=1, le=12, description="Use the n-th last text-encoder layer (2 for NAI-derived anime models)."
+    )
+
+
+class DatasetSection(Section):
+    train_data_dir: Path = Field(description="Parent folder of the <repeats>_<name> image folders.")
+    reg_data_dir: Path | None = Field(None, description="Parent folder of regularisation image folders.")
+    resolution: Resolution = Field(512, description="Training resolution: 512 or [width, height].")
+    enable_bucket: bool = Field(False, description="Aspect-ratio bucketing.")
+    min_bucket_reso: int = Field(256, ge=64)
+    max_bucket_reso: int = Field(1024, ge=64)
+    bucket_reso_steps: int = Field(64, ge=1, description="Bucket size step; a multiple of 64 for SD1.x/2.x.")
+    bucket_no_upscale: bool = Field(False, description="Never enlarge images to fill a bucket.")
+    caption_extension: str = Field(".txt", description="Caption file extension (sd-scripts defaults to .caption).")
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = Field(0, ge=0)
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = Field(0.0, ge=0, le=1)
+    caption_dropout_every_n_epochs: int = Field(0, ge=0)
+    caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1)
+    token_warmup_min: int = Field(1, ge=1)
+    token_warmup_step: float = Field(0, ge=0)
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    cache_latents: bool = Field(False, description="Encode images once with the VAE and keep the latents in memory.")
+    cache_latents_to_disk: bool = Field(False, description="Also keep latent caches on disk (implies cache_latents).")
+    vae_batch_size: int = Field(1, ge=1)
+    max_token_length: int | None = Field(None, description="75 (default), 150 or 225 tokens.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _positive_resolution(cls, v: Resolution) -> Resolution:
+        sides = (v, v) if isinstance(v, int) else v
+        if min(sides) < 64:
+            raise ValueError("resolution must be at least 64 pixels on each side")
+        return v
+
+    @field_validator("max_token_length")
+    @classmethod
+    def _token_windows(cls, v: int | None) -> int | None:
+        if v is not None and v not in (75, 150, 225):
+            raise ValueError("must be 75, 150 or 225 (77-token windows)")
+        return v
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _dotted(cls, v: str) -> str:
+        return v if v.startswith(".") else "." + v
+
+    @property
+    def resolution_wh(self) -> tuple[int, int]:
+        r = self.resolution
+        return (r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
+
+
+class NetworkSection(Section):
+    network_module: Literal["networks.lora", "lycoris.kohya"] = Field(
+        "networks.lora",
+        description="kohya's module name, recorded in metadata; LyCORIS algos always record lycoris.kohya.",
+    )
+    algo: Literal["lora", "locon", "loha", "lokr"] = Field("lora", description="LoRA or a LyCORIS algorithm.")
+    network_dim: int | None = Field(None, ge=1, description="Rank (4 when unset, as sd-scripts).")
+    network_alpha: float = Field(1.0, ge=0, description="Alpha; scale = alpha / dim (0 means alpha = dim).")
+    conv_dim: int | None = Field(None, ge=1, description="Rank of 3x3 conv layers (LoCon/LoHa/LoKr).")
+    conv_alpha: float | None = Field(None, ge=0)
+    lycoris_preset: Literal["full"] = Field(
+        "full", description="LyCORIS target preset; 'full' = kohya's targets for the algorithm."
+    )
+    network_dropout: float | None = Field(None, ge=0, lt=1)
+    rank_dropout: float = Field(0.0, ge=0, lt=1)
+    module_dropout: float = Field(0.0, ge=0, lt=1)
+    use_tucker: bool = False
+    use_scalar: bool = False
+    train_norm: bool = False
+    rank_dropout_scale: bool = False
+    factor: int = Field(-1, description="LoKr factor (-1 = automatic).")
+    network_weights: Path | None = Field(None, description="Start from the weights of this LoRA file.")
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+    scale_weight_norms: float | None = Field(None, gt=0)
+
+    @property
+    def module_name(self) -> str:
+        """What ss_network_module records: kohya's networks.lora only knows plain LoRA."""
+        return self.network_module if self.algo == "lora" else "lycoris.kohya"
+
+    @property
+    def dim(self) -> int:
+        return self.network_dim or 4
+
+    @property
+    def alpha(self) -> float:
+        return self.network_alpha or float(self.dim)
+
+
+class OptimizerSection(Section):
+    optimizer_type: str = Field("AdamW", description="AdamW, AdamW8bit, DAdaptAdam, Prodigy, ..., or module.Class.")
+    learning_rate: float = Field(2e-6, ge=0, description="Default lr for both groups (sd-scripts default 2e-6).")
+    unet_lr: float | None = Field(None, ge=0)
+    text_encoder_lr: float | None = Field(None, ge=0)
+    optimizer_args: dict[str, OptimizerArg] = Field(
+        default_factory=dict, description="Keyword arguments of the optimizer, as typed TOML values."
+    )
+    lr_scheduler: Scheduler = "constant"
+    lr_warmup_steps: int | float = Field(0, ge=0, description="An int counts steps; a float below 1 is a ratio.")
+    lr_scheduler_num_cycles: int = Field(1, ge=1)
+    lr_scheduler_power: float = 1.0
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables.")
+
+    @field_validator("lr_warmup_steps")
+    @classmethod
+    def _warmup_form(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and v >= 1:
+            raise ValueError(
+                f"{v} is a float >= 1; write an integer to count steps (e.g. {int(v)}) or a ratio below 1 (e.g. 0.1)"
+            )
+        return v
+
+
+class TrainingSection(Section):
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_train_epochs: int | None = Field(None, ge=1, description="Wins over max_train_steps, as in sd-scripts.")
+    max_train_steps: int | None = Field(None, ge=1)
+    num_processes: int = Field(1, ge=1, description="Processes (GPUs); more than 1 runs through accelerate launch.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int | None = Field(None, ge=0, description="Random when unset (recorded in the run folder).")
+    gradient_checkpointing: bool = False
+    xformers: bool = Field(False, description="Use xformers attention (CUDA only; SDPA is the default).")
+    noise_offset: float | None = Field(None, ge=0)
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = Field(None, ge=1)
+    multires_noise_discount: float = Field(0.3, gt=0, le=1)
+    min_snr_gamma: float | None = Field(None, gt=0)
+    min_timestep: int | None = Field(None, ge=0, le=1000)
+    max_timestep: int | None = Field(None, ge=1, le=1000)
+    prior_loss_weight: float = Field(1.0, ge=0)
+    cache_text_encoder_outputs: bool = Field(
+        False, description="Encode each caption once (needs a frozen text encoder and fixed captions)."
+    )
+
+
+class OutputSection(Section):
+    output_dir: Path = Field(Path("output"), description="Where run folders are created.")
+    output_name: str | None = Field(None, description="File name stem of saved LoRAs.")
+    save_model_as: Literal["safetensors"] = "safetensors"
+    save_precision: Literal["float", "fp16", "bf16"] | None = None
+    save_every_n_epochs: int | None = Field(None, ge=1)
+    save_every_n_steps: int | None = Field(None, ge=1)
+    save_last_n_epochs: int | None = Field(None, ge=1)
+    save_last_n_steps: int | None = Field(None, ge=1)
+    training_comment: str | None = None
+    no_metadata: bool = False
+
+
+class SampleSection(Section):
+    sample_prompts: Path | None = Field(None, description="A prompt file, one prompt per line.")
+    sample_every_n_steps: int | None = Field(None, ge=1)
+    sample_every_n_epochs: int | None = Field(None, ge=1)
+    sample_at_first: bool = False
+    sample_sampler: str = "ddim"
+
+
+class LoggingSection(Section):
+    logging_dir: Path | None = Field(None, description="TensorBoard logs go here when set.")
+    log_prefix: str | None = None
+
+
+class LoracliConfig(Section):
+    model: ModelSection
+    dataset: DatasetSection
+    network: NetworkSection = Field(default_factory=NetworkSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    sample: SampleSection = Field(default_factory=SampleSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    name: field.annotation  # type: ignore[misc]
+    for name, field in LoracliConfig.model_fields.items()
+}
+
+
+def all_keys() -> dict[str, list[str]]:
+    """Valid leaf keys per section (for 'did you mean' hints and docs)."""
+    return {name: list(model.model_fields) for name, model in SECTIONS.items()}

@@ -1,0 +1,277 @@
+"""The checks `loracli plan` runs: errors stop the run, warnings explain a risk.
+
+Each rule carries its reason and the guide it comes from
+(`../shared/reference/presets-and-rules.md`; the seeds are the guides in
+README's "Where the rules come from"). Config-only rules run before the
+dataset is scanned; dataset rules run on the scan and the schedule.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loracli.config.schema import LoracliConfig
+from loracli.family import ModelFamily
+
+if TYPE_CHECKING:
+    from loracli.dataset.scan import DatasetScan
+    from loracli.schedule import Schedule
+
+ADAPTIVE_PREFIXES = ("dadapt", "prodigy")
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error" | "warning"
+    code: str  # E3, W1, ... as numbered in presets-and-rules.md
+    key: str  # dotted key or file the finding is about
+    message: str
+    hint: str = ""
+    source: str = ""  # the guide (seed) or reference the rule comes from
+
+    def render(self) -> str:
+        text = f"{self.level} [{self.code}] {self.key}: {self.message}"
+        if self.hint:
+            text += f"; {self.hint}"
+        if self.source:
+            text += f" (source: {self.source})"
+        return text
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def is_adaptive(optimizer_type: str) -> bool:
+    return optimizer_type.lower().startswith(ADAPTIVE_PREFIXES)
+
+
+def adafactor_relative_step(config: LoracliConfig) -> bool:
+    """sd-scripts: Adafactor's relative_step defaults to true; warmup_init forces it."""
+    opt = config.optimizer
+    if opt.optimizer_type.lower() != "adafactor":
+        return False
+    args = opt.optimizer_args
+    return bool(args.get("relative_step", True)) or bool(args.get("warmup_init", False))
+
+
+def effective_te_lr(config: LoracliConfig) -> float:
+    opt = config.optimizer
+    return opt.text_encoder_lr if opt.text_encoder_lr is not None else opt.learning_rate
+
+
+def trains_text_encoder(config: LoracliConfig) -> bool:
+    return not config.network.network_train_unet_only and effective_te_lr(config) != 0
+
+
+def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, str]) -> list[Finding]:
+    """Rules that need only the config."""
+    out: list[Finding] = []
+    ds, net, opt, tr, outp = config.dataset, config.network, config.optimizer, config.training, config.output
+    optimizer = opt.optimizer_type
+
+    # E3: the adafactor schedule only exists for the Adafactor optimizer.
+    if opt.lr_scheduler == "adafactor" and optimizer.lower() != "adafactor":
+        out.append(Finding("error", "E3", "optimizer.lr_scheduler",
+                           f"the adafactor scheduler needs optimizer_type AdaFactor, not {optimizer}",
+                           "use cosine or constant_with_warmup", "seed 002"))
+    # E4: cached text-encoder outputs cannot change, so captions must be fixed and the TE frozen.
+    if tr.cache_text_encoder_outputs:
+        clashes = [k for k, on in (
+            ("dataset.shuffle_caption", ds.shuffle_caption),
+            ("dataset.caption_dropout_rate", ds.caption_dropout_rate > 0),
+            ("dataset.caption_dropout_every_n_epochs", ds.caption_dropout_every_n_epochs > 0),
+            ("dataset.caption_tag_dropout_rate", ds.caption_tag_dropout_rate > 0),
+            ("text-encoder training", trains_text_encoder(config)),
+        ) if on]
+        if clashes:
+            out.append(Finding("error", "E4", "training.cache_text_encoder_outputs",
+                               f"cannot cache text-encoder outputs with {', '.join(clashes)}",
+                               "turn those off (network.network_train_unet_only = true for the text encoder)",
+                               "seed 002"))
+    # E5: cached latents are computed once, so per-step pixel augmentations cannot apply.
+    if ds.cache_latents or ds.cache_latents_to_disk:
+        clashes = [k for k, on in (("dataset.color_aug", ds.color_aug), ("dataset.random_crop", ds.random_crop)) if on]
+        if clashes:
+            out.append(Finding("error", "E5", "dataset.cache_latents",
+                               f"latent caching cannot be combined with {', '.join(clashes)}",
+                               "turn caching off or the augmentation off (flip_aug is allowed)", "seed 004"))
+    # E7: an empty name makes sd-scripts skip the last save silently.
+    if outp.output_name is not None and not outp.output_name.strip():
+        out.append(Finding("error", "E7", "output.output_name", "is empty",
+                           "give a name, or remove the key to use sd-scripts' default names", "seed 002"))
+    # E8: bucket limits and steps.
+    if ds.bucket_reso_steps % family.bucket_step_multiple:
+        out.append(Finding("error", "E8", "dataset.bucket_reso_steps",
+                           f"{ds.bucket_reso_steps} is not a multiple of {family.bucket_step_multiple} "
+                           f"({family.name} latents must divide by 8)",
+                           f"use {family.bucket_step_multiple}", "sd-scripts-behaviour §2.1"))
+    if ds.enable_bucket and not ds.bucket_no_upscale:
+        if ds.min_bucket_reso > ds.max_bucket_reso:
+            out.append(Finding("error", "E8", "dataset.min_bucket_reso",
+                               f"min_bucket_reso {ds.min_bucket_reso} > max_bucket_reso {ds.max_bucket_reso}",
+                               "swap them", "sd-scripts-behaviour §2.1"))
+        else:
+            w, h = ds.resolution_wh
+            if min(w, h) < ds.min_bucket_reso or max(w, h) > ds.max_bucket_reso:
+                out.append(Finding("error", "E8", "dataset.resolution",
+                                   f"{w}x{h} lies outside the bucket limits {ds.min_bucket_reso}-{ds.max_bucket_reso}",
+                                   "widen min_bucket_reso/max_bucket_reso", "sd-scripts-behaviour §2.1"))
+    # E9: nothing to plan.
+    if tr.max_train_epochs is None and tr.max_train_steps is None:
+        out.append(Finding("error", "E9", "training.max_train_epochs",
+                           "neither max_train_epochs nor max_train_steps is set",
+                           "set training.max_train_epochs (sd-scripts would silently train 1600 steps)",
+                           "sd-scripts-behaviour §3"))
+    # E10: these schedules have no warmup phase; sd-scripts refuses them too.
+    warmup_set = opt.lr_warmup_steps != 0
+    if warmup_set and opt.lr_scheduler in ("constant", "adafactor"):
+        out.append(Finding("error", "E10", "optimizer.lr_warmup_steps",
+                           f"the {opt.lr_scheduler} scheduler takes no warmup (got {opt.lr_warmup_steps})",
+                           "use lr_scheduler = \"constant_with_warmup\" or set lr_warmup_steps = 0",
+                           "sd-scripts-behaviour §5"))
+    elif warmup_set and adafactor_relative_step(config):
+        out.append(Finding("error", "E10", "optimizer.lr_warmup_steps",
+                           "Adafactor with relative_step uses its own schedule and takes no warmup",
+                           "set lr_warmup_steps = 0, or optimizer_args.relative_step = false",
+                           "sd-scripts-behaviour §4"))
+    if net.network_train_unet_only and net.network_train_text_encoder_only:
+        out.append(Finding("error", "E12", "network.network_train_unet_only",
+                           "network_train_unet_only and network_train_text_encoder_only are both true",
+                           "set at most one of them"))
+
+    # W1: alpha above dim amplifies updates ("burns").
+    if net.alpha > net.dim:
+        out.append(Finding("warning", "W1", "network.network_alpha",
+                           f"alpha {net.alpha:g} is greater than dim {net.dim}: outputs tend to burn",
+                           "use alpha <= dim (dim/2 or 1 are common)", "seed 004"))
+    if net.conv_dim and net.conv_alpha is not None and net.conv_alpha > net.conv_dim:
+        out.append(Finding("warning", "W1", "network.conv_alpha",
+                           f"conv_alpha {net.conv_alpha:g} is greater than conv_dim {net.conv_dim}",
+                           "use conv_alpha <= conv_dim", "seed 004"))
+    if is_adaptive(optimizer):
+        # W2: adaptive optimizers expect lr around 1 in every group.
+        for key, lr in (("optimizer.learning_rate", opt.learning_rate),
+                        ("optimizer.unet_lr", opt.unet_lr), ("optimizer.text_encoder_lr", opt.text_encoder_lr)):
+            if lr is not None and lr != 0 and not 0.1 <= lr <= 2:
+                out.append(Finding("warning", "W2", key,
+                                   f"{optimizer} with lr {lr:g}: adaptive optimizers need lr around 1",
+                                   "set it to 1.0 (0.5-1 in the guides)", "seeds 000, 004"))
+        # W3: weight decay without decoupling fights the adapted step size.
+        wd = opt.optimizer_args.get("weight_decay", 0)
+        decouple = opt.optimizer_args.get("decouple", optimizer.lower() == "prodigy")
+        if optimizer.lower() in ("dadaptadam", "prodigy") and wd and decouple is not True:
+            out.append(Finding("warning", "W3", "optimizer.optimizer_args.decouple",
+                               f"{optimizer} with weight_decay {wd} but decouple is not true",
+                               "add decouple = true to optimizer_args", "seed 000"))
+        # W4
+        if tr.noise_offset is not None and tr.noise_offset > 0.2:
+            out.append(Finding("warning", "W4", "training.noise_offset",
+                               f"noise_offset {tr.noise_offset:g} with an adaptive optimizer gives unusable results",
+                               "keep it at 0.1 or below", "seed 001"))
+    # W5
+    if origins.get("training.multires_noise_discount") and tr.multires_noise_iterations is None:
+        out.append(Finding("warning", "W5", "training.multires_noise_discount",
+                           "has no effect without training.multires_noise_iterations",
+                           "set multires_noise_iterations (6-10 is common) or remove the discount", "seed 002"))
+    # W6
+    if opt.lr_scheduler == "constant" and not is_adaptive(optimizer) and optimizer.lower() != "adafactor":
+        out.append(Finding("warning", "W6", "optimizer.lr_scheduler",
+                           f"a constant schedule with {optimizer} tends to overtrain",
+                           "use cosine or cosine_with_restarts", "seed 004"))
+    # W7
+    if optimizer.lower() == "prodigy" and warmup_set and not opt.optimizer_args.get("safeguard_warmup", False):
+        out.append(Finding("warning", "W7", "optimizer.optimizer_args.safeguard_warmup",
+                           "Prodigy with a warmup but safeguard_warmup is not true",
+                           "add safeguard_warmup = true to optimizer_args", "seed 004"))
+    # W8
+    if tr.min_snr_gamma is not None and not 1 <= tr.min_snr_gamma <= 20:
+        out.append(Finding("warning", "W8", "training.min_snr_gamma",
+                           f"{tr.min_snr_gamma:g} is outside the useful range 1-20",
+                           "5 is the recommended value", "seed 004"))
+    # W12: sd-scripts rounds the limits to the step.
+    if ds.enable_bucket and not ds.bucket_no_upscale:
+        step = ds.bucket_reso_steps
+        if ds.min_bucket_reso % step or ds.max_bucket_reso % step:
+            lo, hi = ds.min_bucket_reso // step * step, -(-ds.max_bucket_reso // step) * step
+            out.append(Finding("warning", "W12", "dataset.min_bucket_reso",
+                               f"bucket limits {ds.min_bucket_reso}-{ds.max_bucket_reso} are not multiples of "
+                               f"{step}; used as {lo}-{hi} (min rounded down, max up), as sd-scripts does",
+                               f"set them to {lo} and {hi}", "sd-scripts-behaviour §2.1"))
+    return out
+
+
+def estimate_clip_tokens(prompt: str) -> int:
+    """A lower-bound CLIP token count: one per word or punctuation mark.
+
+    The real BPE splits rare words further, so a prompt over this estimate is
+    certainly too long; the plan side has no tokenizer (it must not load one).
+    """
+    return len(re.findall(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]", prompt))
+
+
+def read_sample_prompts(path: Path) -> list[str]:
+    """Prompt lines of an sd-scripts prompt file, options (--n, --w, ...) removed."""
+    prompts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            prompts.append(re.split(r"\s--[a-z]\s", " " + line, maxsplit=1)[0].strip())
+    return prompts
+
+
+def lint_data(config: LoracliConfig, scan: DatasetScan, schedule: Schedule,
+              buckets: list[dict]) -> list[Finding]:
+    """Rules that need the dataset scan and the step schedule."""
+    out: list[Finding] = []
+    tr = config.training
+    # W9: what sd-scripts would skip or treat silently.
+    skipped_dirs = [s for s in scan.skipped if "prefix" in s.reason or "repeats" in s.reason]
+    if skipped_dirs:
+        names = ", ".join(s.path.name for s in skipped_dirs[:5])
+        out.append(Finding("warning", "W9", "dataset.train_data_dir",
+                           f"{len(skipped_dirs)} folder(s) skipped for their name: {names}",
+                           "name image folders <repeats>_<name>, e.g. 10_mychar", "seeds 003, 004"))
+    other = [s for s in scan.skipped if s not in skipped_dirs]
+    if other:
+        out.append(Finding("warning", "W9", "dataset.train_data_dir",
+                           f"{len(other)} file(s) or folder(s) not used, e.g. {other[0].path.name}: {other[0].reason}",
+                           "see 'skipped' in the plan for the list", "seeds 003, 004"))
+    for note in scan.notes:
+        out.append(Finding("warning", "W9", "dataset.train_data_dir", note, source="seeds 003, 004"))
+    uncaptioned = [i for s in scan.subsets if not s.is_reg for i in s.images if i.caption_source != "file"]
+    if uncaptioned:
+        out.append(Finding("warning", "W9", "dataset.caption_extension",
+                           f"{len(uncaptioned)} training image(s) have no {config.dataset.caption_extension} "
+                           f"caption and use the folder's class tokens, e.g. {uncaptioned[0].path.name}",
+                           "add caption files or check caption_extension", "seeds 003, 004"))
+    for warning in scan.warnings:
+        out.append(Finding("warning", "W9", "dataset", warning, source="seeds 003, 004"))
+    # W10: far from the step counts the guides report working.
+    if not 500 <= schedule.total_steps <= 4000:
+        out.append(Finding("warning", "W10", "training.max_train_epochs",
+                           f"{schedule.total_steps} total steps ({schedule.formula}) is far from the 500-4000 "
+                           "the guides find works for a LoRA", "informational", "seeds 000, 004"))
+    # Small buckets make small, noisier steps.
+    small = [b for b in buckets if b["count"] < tr.train_batch_size]
+    if small:
+        sizes = ", ".join(f"{b['resolution'][0]}x{b['resolution'][1]} ({b['count']})" for b in small[:5])
+        out.append(Finding("warning", "W13", "training.train_batch_size",
+                           f"{len(small)} bucket(s) hold fewer images than the batch size {tr.train_batch_size}: "
+                           f"{sizes}", "those steps use smaller, noisier batches", "sd-scripts-behaviour §2.4"))
+    # W11: sample prompts.
+    prompts_path = config.sample.sample_prompts
+    if prompts_path is not None and prompts_path.is_file():
+        prompts = read_sample_prompts(prompts_path)
+        long = [p for p in prompts if estimate_clip_tokens(p) > 75]
+        if long:
+            out.append(Finding("warning", "W11", "sample.sample_prompts",
+                               f"{len(long)} prompt(s) longer than 77 tokens are cut, e.g. {long[0][:40]!r}...",
+                               "shorten them", "seed 002"))
+        if tr.num_processes > 1 and len(prompts) % tr.num_processes:
+            out.append(Finding("warning", "W11", "sample.sample_prompts",
+                               f"{len(prompts)} prompts do not divide among {tr.num_processes} processes",
+                               f"use a multiple of {tr.num_processes}", "seed 002"))
+    return out

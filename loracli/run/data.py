@@ -1,0 +1,149 @@
+"""Training data exactly as the plan says: bucket-batches, resize, crop, captions.
+
+Each planned image goes into its bucket `repeats` times; a bucket of n entries
+gives ceil(n / batch) batches (partial batches kept, never mixing buckets).
+Every epoch re-shuffles the bucket contents and the batch order with a seeded
+RNG (sd-scripts: random.seed(dataset_seed + epoch)). With several processes,
+process r takes batches r, r+N, ... so each sees ceil(batches / N) of them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from loracli.captions import CaptionOptions, process_caption
+from loracli.config.schema import DatasetSection
+from loracli.plan import Plan, PlannedImage
+
+
+@dataclass(frozen=True)
+class Example:
+    index: int  # into plan.images
+    image: PlannedImage
+
+
+def caption_options(ds: DatasetSection) -> CaptionOptions:
+    return CaptionOptions(
+        caption_prefix=ds.caption_prefix,
+        caption_suffix=ds.caption_suffix,
+        caption_dropout_rate=ds.caption_dropout_rate,
+        caption_dropout_every_n_epochs=ds.caption_dropout_every_n_epochs,
+        shuffle_caption=ds.shuffle_caption,
+        caption_separator=ds.caption_separator,
+        keep_tokens=ds.keep_tokens,
+        keep_tokens_separator=ds.keep_tokens_separator,
+        secondary_separator=ds.secondary_separator,
+        caption_tag_dropout_rate=ds.caption_tag_dropout_rate,
+        token_warmup_min=ds.token_warmup_min,
+        token_warmup_step=ds.token_warmup_step,
+    )
+
+
+def load_pixels(image: PlannedImage, random_crop: bool, rng: random.Random) -> np.ndarray:
+    """Resize to the planned size, then crop the overflow (centre, or random with random_crop)."""
+    with Image.open(image.path) as im:
+        im = im.convert("RGB")
+        if im.size != tuple(image.size):
+            raise FileNotFoundError(f"{image.path} changed since it was planned ({im.size} != {image.size})")
+        if tuple(image.resized) != im.size:
+            grows = image.resized[0] > im.size[0] or image.resized[1] > im.size[1]
+            # sd-scripts: area averaging when shrinking, Lanczos when enlarging.
+            im = im.resize(tuple(image.resized), Image.LANCZOS if grows else Image.BOX)
+        bw, bh = image.bucket
+        rw, rh = image.resized
+        if random_crop:
+            x, y = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
+        else:
+            x, y = image.crop_offset
+        return np.asarray(im.crop((x, y, x + bw, y + bh)), dtype=np.uint8)
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """HWC uint8 → CHW float in [-1, 1], what the VAE expects."""
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def color_augment(pixels: np.ndarray, rng: random.Random) -> np.ndarray:
+    """A random hue shift (sd-scripts' color_aug), applied in HSV space."""
+    hsv = np.asarray(Image.fromarray(pixels).convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + rng.randint(-8, 8)) % 256
+    return np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB"))
+
+
+class BucketBatches:
+    """The epoch's list of bucket-batches, seeded and re-shuffled per epoch."""
+
+    def __init__(self, plan: Plan, batch_size: int, dataset_seed: int, rank: int = 0, world: int = 1):
+        self.plan = plan
+        self.batch_size = batch_size
+        self.dataset_seed = dataset_seed
+        self.rank, self.world = rank, world
+        self.buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, image in enumerate(plan.images):
+            self.buckets[tuple(image.bucket)].extend([i] * image.repeats)
+
+    def total_batches(self) -> int:
+        return sum(math.ceil(len(v) / self.batch_size) for v in self.buckets.values())
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches for a 1-based epoch."""
+        rng = random.Random(self.dataset_seed + epoch)
+        batches: list[list[int]] = []
+        for key in sorted(self.buckets):
+            entries = list(self.buckets[key])
+            rng.shuffle(entries)
+            batches += [entries[i:i + self.batch_size] for i in range(0, len(entries), self.batch_size)]
+        rng.shuffle(batches)
+        mine = batches[self.rank::self.world]
+        per_process = math.ceil(len(batches) / self.world)
+        # Pad short shards by wrapping around, as a distributed sampler does, so all
+        # processes take the same number of steps.
+        while len(mine) < per_process:
+            mine.append(batches[len(mine) % len(batches)])
+        return mine
+
+
+@dataclass
+class Batch:
+    indices: list[int]
+    pixels: torch.Tensor | None  # B,3,H,W in [-1,1] (None when latents are cached)
+    flipped: list[bool]
+    captions: list[str]
+    is_reg: torch.Tensor  # B bool
+
+
+class ExampleLoader:
+    """Turns a list of image indices into a Batch: pixels (unless cached) and processed captions."""
+
+    def __init__(self, plan: Plan, ds: DatasetSection, total_steps: int, load_pixels_: bool, seed: int):
+        self.plan = plan
+        self.ds = ds
+        self.total_steps = total_steps
+        self.opts = caption_options(ds)
+        self.load_pixels = load_pixels_
+        self.rng = random.Random(seed)
+
+    def __call__(self, indices: list[int], epoch: int, step: int) -> Batch:
+        images = [self.plan.images[i] for i in indices]
+        flipped = [self.ds.flip_aug and self.rng.random() < 0.5 for _ in images]
+        captions = [process_caption(im.caption, self.opts, epoch, step, self.total_steps, self.rng) for im in images]
+        pixels = None
+        if self.load_pixels:
+            arrays = []
+            for im, flip in zip(images, flipped):
+                px = load_pixels(im, self.ds.random_crop, self.rng)
+                if self.ds.color_aug:
+                    px = color_augment(px, self.rng)
+                if flip:
+                    px = px[:, ::-1]
+                arrays.append(to_tensor(px))
+            pixels = torch.stack(arrays)
+        is_reg = torch.tensor([im.is_reg for im in images], dtype=torch.bool)
+        return Batch(indices, pixels, flipped, captions, is_reg)

@@ -1,0 +1,94 @@
+"""VAE latents: encoded on the fly, or once and cached in memory and on disk.
+
+Disk caches are keyed by everything that changes a latent (file identity,
+bucket, resize, crop, flip, VAE identity, dtype), so a changed resolution or
+bucket setting never reuses a stale latent (sd-scripts' npz caches can).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from loracli.plan import Plan, PlannedImage
+from loracli.run.data import load_pixels, to_tensor
+
+
+def encode(vae, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+    # sd-scripts replaces NaNs by 0 (fp16 VAEs overflow on some images).
+    return torch.nan_to_num(latents.float() * scaling_factor, nan=0.0)
+
+
+def vae_identity(name_or_path: str, vae) -> str:
+    text = json.dumps({"model": name_or_path, "config": dict(vae.config)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_key(image: PlannedImage, flip: bool, vae_id: str, dtype: str) -> str:
+    stat = os.stat(image.path)
+    ident = {
+        "path": str(Path(image.path).resolve()), "mtime_ns": stat.st_mtime_ns, "bytes": stat.st_size,
+        "size": list(image.size), "bucket": list(image.bucket), "resized": list(image.resized),
+        "crop": list(image.crop_offset), "flip": flip, "vae": vae_id, "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+class LatentCache:
+    """Latents of every planned image (and its mirror when flip_aug), by plan index."""
+
+    def __init__(self, plan: Plan, flip_aug: bool, disk_dir: Path | None):
+        self.plan = plan
+        self.flip_aug = flip_aug
+        self.disk_dir = disk_dir
+        self.latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self.encoded = 0  # how many were computed (not read from disk) this run
+
+    def fill(self, vae, scaling_factor: float, name_or_path: str, batch_size: int, seed: int, on_progress=None) -> None:
+        vae_id = vae_identity(name_or_path, vae)
+        dtype = str(vae.dtype).removeprefix("torch.")
+        generator = torch.Generator(device=vae.device).manual_seed(seed)
+        todo: dict[tuple[int, int], list[tuple[int, bool, Path | None]]] = {}
+        flips = (False, True) if self.flip_aug else (False,)
+        for i, image in enumerate(self.plan.images):
+            for flip in flips:
+                path = None
+                if self.disk_dir is not None:
+                    path = self.disk_dir / f"{cache_key(image, flip, vae_id, dtype)}.safetensors"
+                    if path.is_file():
+                        self.latents[(i, flip)] = load_file(path)["latents"]
+                        continue
+                todo.setdefault(tuple(image.bucket), []).append((i, flip, path))
+        rng = random.Random(seed)  # unused: cached latents never random-crop (lint E5)
+        for bucket_items in todo.values():
+            for start in range(0, len(bucket_items), batch_size):
+                chunk = bucket_items[start:start + batch_size]
+                pixels = []
+                for i, flip, _ in chunk:
+                    px = load_pixels(self.plan.images[i], False, rng)
+                    pixels.append(to_tensor(px[:, ::-1] if flip else px))
+                latents = encode(vae, torch.stack(pixels), scaling_factor, generator).cpu()
+                for (i, flip, path), latent in zip(chunk, latents):
+                    self.latents[(i, flip)] = latent
+                    self.encoded += 1
+                    if path is not None:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                        save_file({"latents": latent.contiguous()}, tmp)
+                        tmp.replace(path)
+                if on_progress:
+                    on_progress(len(chunk))
+
+    def count_needed(self) -> int:
+        return len(self.plan.images) * (2 if self.flip_aug else 1)
+
+    def batch(self, indices: list[int], flipped: list[bool]) -> torch.Tensor:
+        return torch.stack([self.latents[(i, f)] for i, f in zip(indices, flipped)])

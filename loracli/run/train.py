@@ -1,0 +1,387 @@
+"""The training recipe, top to bottom.
+
+read the run folder → accelerator → models → network → data → optimizer →
+loop (the diffusion step) → save. The plan fixes every number (batches, steps,
+epochs, warmup, save points); this file only carries it out, and stops if the
+data it builds does not match the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from loracli.config.loader import read_toml
+from loracli.config.schema import LoracliConfig
+from loracli.errors import ConfigError, Problem, TrainingError
+from loracli.family import family_for
+from loracli.lint import adafactor_relative_step
+from loracli.plan import Plan, load_plan
+from loracli.rundir import atomic_write_json
+from loracli.run.data import BucketBatches, ExampleLoader
+from loracli.run.latents import LatentCache, encode
+from loracli.run.metadata import (
+    assemble_file_metadata,
+    build_metadata,
+    modelspec_metadata,
+    no_metadata_subset,
+    per_save_metadata,
+)
+from loracli.run.models import load_sd_components
+from loracli.run.network import (
+    NetworkSpec,
+    create_network,
+    load_network_weights,
+    prepare_param_groups,
+    to_kohya_state_dict,
+)
+from loracli.run.optim import build_optimizer, build_scheduler, current_lrs
+from loracli.run.progress import TrainingProgress
+from loracli.run.saving import atomic_save_safetensors, cast_for_save
+from loracli.run.step import compute_target, diffusion_loss, encode_prompts, sample_noise, sample_timesteps
+from loracli.schedule import epoch_file_name, final_file_name, kept_after_pruning, step_file_name
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def read_run(run_dir: Path) -> tuple[LoracliConfig, Plan]:
+    config = LoracliConfig.model_validate(read_toml(run_dir / "config.resolved.toml"))
+    return config, load_plan(run_dir / "plan.json")
+
+
+def network_spec(config: LoracliConfig) -> NetworkSpec:
+    net = config.network
+    extra: dict[str, object] = {"train_norm": net.train_norm, "rank_dropout_scale": net.rank_dropout_scale}
+    if net.algo == "lokr":
+        extra["factor"] = net.factor
+    return NetworkSpec(
+        algo=net.algo, dim=net.dim, alpha=net.alpha, conv_dim=net.conv_dim, conv_alpha=net.conv_alpha,
+        dropout=net.network_dropout, rank_dropout=net.rank_dropout, module_dropout=net.module_dropout,
+        use_tucker=net.use_tucker, use_scalar=net.use_scalar,
+        train_unet=not net.network_train_text_encoder_only, train_text_encoder=not net.network_train_unet_only,
+        extra_args=extra,
+    )
+
+
+def network_args_metadata(config: LoracliConfig) -> dict[str, str] | None:
+    """ss_network_args as sd-scripts records them: the --network_args strings."""
+    net = config.network
+    args: dict[str, str] = {}
+    if net.module_name == "lycoris.kohya":
+        args.update(algo=net.algo, preset=net.lycoris_preset)
+        if net.conv_dim:
+            args["conv_dim"] = str(net.conv_dim)
+        if net.conv_alpha is not None:
+            args["conv_alpha"] = f"{net.conv_alpha:g}"
+        for key in ("use_tucker", "use_scalar", "train_norm", "rank_dropout_scale"):
+            args[key] = str(getattr(net, key))
+        if net.algo == "lokr":
+            args["factor"] = str(net.factor)
+    if net.rank_dropout:
+        args["rank_dropout"] = str(net.rank_dropout)
+    if net.module_dropout:
+        args["module_dropout"] = str(net.module_dropout)
+    return args or None
+
+
+def resolve_mixed_precision(requested: str, log) -> str:
+    if requested == "fp16" and not torch.cuda.is_available():
+        log("warning: fp16 mixed precision needs a CUDA GPU; training in fp32 on this CPU")
+        return "no"
+    return requested
+
+
+class StatusFile:
+    """status.json: what a script (or a person in the morning) reads to know how the run went."""
+
+    def __init__(self, run_dir: Path, total_steps: int):
+        self.path = run_dir / "status.json"
+        self.data = {"state": "running", "step": 0, "epoch": 0, "total_steps": total_steps, "last_save": None,
+                     "error": None, "started_at": time.time(), "updated_at": time.time(), "pid": os.getpid()}
+        self.write()
+
+    def write(self, **changes) -> None:
+        self.data.update(changes, updated_at=time.time())
+        atomic_write_json(self.path, self.data)
+
+
+def train(run_dir: Path) -> Path:
+    """Train the run described by run_dir; returns the final LoRA file."""
+    config, plan = read_run(run_dir)
+    status = StatusFile(run_dir, plan.total_steps)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    try:
+        final = _train(run_dir, config, plan, status)
+    except KeyboardInterrupt:
+        status.write(state="interrupted", error="interrupted by a signal")
+        raise
+    except TrainingError as exc:
+        status.write(state="failed", error=str(exc))
+        raise
+    except Exception as exc:
+        status.write(state="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    status.write(state="finished", finished_at=time.time())
+    return final
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C
+    raise KeyboardInterrupt
+
+
+def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile) -> Path:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    tr, ds, net, opt, out = config.training, config.dataset, config.network, config.optimizer, config.output
+    family = family_for(config.model.v2)
+    progress = TrainingProgress(plan.total_steps)
+    log = progress.log
+
+    # --- accelerator: one process in-process, or one of N under accelerate launch
+    if "LOCAL_RANK" not in os.environ:
+        AcceleratorState._reset_state(reset_partial_state=True)  # allow several runs in one process
+    mixed_precision = resolve_mixed_precision(tr.mixed_precision, log)
+    logging_dir = config.logging.logging_dir
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with="tensorboard" if logging_dir else None,
+        project_dir=str(logging_dir) if logging_dir else None,
+    )
+    if accelerator.num_processes != plan.num_processes:
+        raise TrainingError(f"the plan is for {plan.num_processes} process(es) but {accelerator.num_processes} run")
+    set_seed(tr.seed)
+    device = accelerator.device
+    weight_dtype = DTYPES[mixed_precision]
+
+    # --- models: frozen base weights in the training dtype, network in fp32
+    sd = load_sd_components(config.model.pretrained_model_name_or_path, config.model.v2)
+    if tr.xformers:
+        _enable_xformers(sd.unet)
+    network = create_network(network_spec(config), sd.text_encoder, sd.unet)
+    if net.network_weights is not None:
+        load_network_weights(network, net.network_weights)
+    train_te = not net.network_train_unet_only and (opt.text_encoder_lr if opt.text_encoder_lr is not None
+                                                    else opt.learning_rate) != 0
+    sd.unet.to(device, dtype=weight_dtype)
+    sd.text_encoder.to(device, dtype=weight_dtype)
+    sd.vae.to(device, dtype=torch.float32 if mixed_precision == "fp16" else weight_dtype)
+    network.to(device)
+    if tr.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+        sd.unet.train()  # diffusers only checkpoints in training mode; the SD UNet has no dropout
+        if train_te:
+            sd.text_encoder.gradient_checkpointing_enable()
+            sd.text_encoder.train()
+    network.train()
+
+    # --- data: the plan's bucket-batches; the run never recomputes the schedule
+    dataset_seed = random.Random(tr.seed).randint(0, 2**31)
+    batches = BucketBatches(plan, tr.train_batch_size, dataset_seed, accelerator.process_index,
+                            accelerator.num_processes)
+    if batches.total_batches() != plan.batches_per_epoch:
+        raise TrainingError(f"the data gives {batches.total_batches()} batches per epoch but the plan says "
+                            f"{plan.batches_per_epoch}; re-run `loracli plan` (did the dataset change?)")
+    cache = None
+    if ds.cache_latents or ds.cache_latents_to_disk:
+        disk = _cache_dir() / "latents" if ds.cache_latents_to_disk else None
+        cache = LatentCache(plan, ds.flip_aug, disk)
+        cache.fill(sd.vae, family.latent_scaling_factor, config.model.pretrained_model_name_or_path,
+                   ds.vae_batch_size, tr.seed)
+        log(f"latents cached: {cache.encoded} encoded, {cache.count_needed() - cache.encoded} read from disk")
+        sd.vae.to("cpu")  # no longer needed on the device
+    loader = ExampleLoader(plan, ds, plan.total_steps, load_pixels_=cache is None, seed=tr.seed + 1)
+
+    # --- optimizer and schedule (sd-scripts' param groups: text encoder first, then UNet)
+    groups = prepare_param_groups(network, opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
+    optimizer, optimizer_name = build_optimizer(opt.optimizer_type, groups, opt.learning_rate, opt.optimizer_args)
+    relative_step = adafactor_relative_step(config)
+    scheduler_name = "adafactor" if relative_step else opt.lr_scheduler
+    # The scheduler steps num_processes times per update (accelerate), hence the product.
+    lr_scheduler = build_scheduler(scheduler_name, optimizer, plan.warmup_steps,
+                                   plan.total_steps * plan.num_processes, opt.lr_scheduler_num_cycles,
+                                   opt.lr_scheduler_power, opt.learning_rate if relative_step else None)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    params = [p for g in groups for p in g["params"]]
+    if accelerator.is_main_process and logging_dir:
+        accelerator.init_trackers(config.logging.log_prefix or "loracli")
+
+    # --- what every saved file carries
+    started_at = time.time()
+    base_meta = build_metadata(
+        config, plan, family, session_id=random.randint(0, 2**32), training_started_at=started_at,
+        optimizer_name=optimizer_name,
+        lr_scheduler_name=f"adafactor:{opt.learning_rate}" if relative_step else opt.lr_scheduler,
+        learning_rate_recorded=None if relative_step else opt.learning_rate,
+        network_args=network_args_metadata(config), config_hash=plan.config_hash,
+    )
+    modelspec = modelspec_metadata(config, family, title=out.output_name or f"LoRA@{int(started_at)}",
+                                   resolution=ds.resolution_wh, timestamp=started_at)
+    saved: dict[str, list[int]] = {"epoch": [], "step": []}
+
+    def save(kind: str, number: int, step: int, epoch: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        name = {"epoch": lambda: epoch_file_name(out.output_name, number),
+                "step": lambda: step_file_name(out.output_name, number),
+                "final": lambda: final_file_name(out.output_name)}[kind]()
+        tensors = cast_for_save(to_kohya_state_dict(network), out.save_precision)
+        meta = per_save_metadata(base_meta, steps=step, epoch=epoch, finished_at=time.time())
+        if out.no_metadata:
+            meta = no_metadata_subset(meta)
+        atomic_save_safetensors(tensors, assemble_file_metadata(meta, modelspec, tensors), run_dir / name)
+        status.write(last_save=name)
+        if kind in saved:
+            _prune(run_dir, kind, number, saved[kind], config)
+
+    # --- the loop
+    ga = tr.gradient_accumulation_steps
+    noise_scheduler = sd.noise_scheduler
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    text_cache: dict[str, torch.Tensor] = {}
+    metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if accelerator.is_main_process else None
+    global_step = 0
+    progress.__enter__()
+    try:
+        for epoch in range(1, plan.epochs + 1):
+            epoch_batches = batches.epoch_batches(epoch)
+            status.write(epoch=epoch)
+            for i, indices in enumerate(epoch_batches):
+                # accelerate syncs every GA micro-batches and on the last batch of the epoch
+                sync = (i + 1) % ga == 0 or i == len(epoch_batches) - 1
+                batch = loader(indices, epoch, global_step)
+                with accelerator.no_sync(network) if not sync else nullcontext():
+                    with accelerator.autocast():
+                        if cache is not None:
+                            latents = cache.batch(batch.indices, batch.flipped).to(device)
+                        else:
+                            latents = encode(sd.vae, batch.pixels, family.latent_scaling_factor)
+                        with torch.set_grad_enabled(train_te):
+                            hidden = _encode_text(sd, batch.captions, ds.max_token_length, config.model.clip_skip,
+                                                  device, text_cache if tr.cache_text_encoder_outputs else None)
+                        noise = sample_noise(latents, None, tr.noise_offset, tr.noise_offset_random_strength,
+                                             tr.adaptive_noise_scale, tr.multires_noise_iterations,
+                                             tr.multires_noise_discount)
+                        timesteps = sample_timesteps(latents.shape[0], tr.min_timestep, tr.max_timestep,
+                                                     num_timesteps, device, None)
+                        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                        pred = sd.unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
+                        target = compute_target(noise_scheduler, latents, noise, timesteps,
+                                                config.model.v_parameterization)
+                        weights = torch.where(batch.is_reg.to(device), tr.prior_loss_weight, 1.0)
+                        loss = diffusion_loss(pred.float(), target.float(), timesteps, noise_scheduler, weights,
+                                              tr.min_snr_gamma, config.model.v_parameterization)
+                    accelerator.backward(loss / ga)
+                if not sync:
+                    continue
+                if accelerator.num_processes > 1:
+                    for p in params:  # the network is not DDP-wrapped (its forward is the UNet's)
+                        if p.grad is not None:
+                            p.grad = accelerator.reduce(p.grad, "mean")
+                if opt.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, opt.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if net.scale_weight_norms:
+                    network.apply_max_norm_regularization(net.scale_weight_norms, device)
+                global_step += 1
+
+                loss_value = loss.detach().item()
+                if not math.isfinite(loss_value):
+                    raise TrainingError(f"the loss became {loss_value} at step {global_step} (epoch {epoch}); "
+                                        "lower the learning rate or use fp32/bf16; earlier saves are kept")
+                lrs = current_lrs(optimizer, lr_scheduler)
+                progress.step(loss_value, next(iter(lrs.values()), 0.0), epoch)
+                if metrics:
+                    metrics.write(json.dumps({"step": global_step, "epoch": epoch, "loss": loss_value,
+                                              "lr": lrs}) + "\n")
+                if logging_dir:
+                    accelerator.log({"loss/current": loss_value, **{f"lr/{k}": v for k, v in lrs.items()}},
+                                    step=global_step)
+                status.write(step=global_step)
+                if out.save_every_n_steps and global_step % out.save_every_n_steps == 0:
+                    save("step", global_step, global_step, epoch - 1)  # sd-scripts records 0-based here
+                if global_step >= plan.total_steps:
+                    break
+            progress.epoch_done(epoch, plan.epochs, global_step, plan.total_steps)
+            if out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0 and epoch < plan.epochs:
+                save("epoch", epoch, global_step, epoch)
+            if global_step >= plan.total_steps:
+                break
+    finally:
+        progress.__exit__(None, None, None)
+        if metrics:
+            metrics.close()
+    save("final", 0, global_step, plan.epochs)
+    accelerator.wait_for_everyone()
+    if logging_dir:
+        accelerator.end_training()
+    final = run_dir / final_file_name(out.output_name)
+    log(f"saved {final}")
+    return final
+
+
+def _encode_text(sd, captions, max_token_length, clip_skip, device, cache):
+    if cache is None:
+        return encode_prompts(sd.tokenizer, sd.text_encoder, captions, max_token_length, clip_skip, device)
+    missing = [c for c in dict.fromkeys(captions) if c not in cache]
+    if missing:
+        encoded = encode_prompts(sd.tokenizer, sd.text_encoder, missing, max_token_length, clip_skip, device)
+        cache.update({c: e.detach() for c, e in zip(missing, encoded)})
+    return torch.stack([cache[c] for c in captions])
+
+
+def _prune(run_dir: Path, kind: str, number: int, history: list[int], config: LoracliConfig) -> None:
+    """save_last_n_epochs / save_last_n_steps: delete what sd-scripts would have deleted by now."""
+    out = config.output
+    history.append(number)
+    every = out.save_every_n_epochs if kind == "epoch" else out.save_every_n_steps
+    keep_last = out.save_last_n_epochs if kind == "epoch" else out.save_last_n_steps
+    if not every or not keep_last:
+        return
+    kept = set(kept_after_pruning(list(history), every, keep_last, kind))
+    namer = epoch_file_name if kind == "epoch" else step_file_name
+    for old in [n for n in history if n not in kept]:
+        (run_dir / namer(out.output_name, old)).unlink(missing_ok=True)
+        history.remove(old)
+
+
+def _enable_xformers(unet) -> None:
+    if not torch.cuda.is_available():
+        raise ConfigError(Problem("training.xformers", "xformers needs a CUDA GPU", "remove it; SDPA is the default"))
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        raise ConfigError(Problem("training.xformers", "xformers is not installed",
+                                  "pip install 'loracli[xformers]', or remove it (SDPA is the default)")) from None
+    unet.enable_xformers_memory_efficient_attention()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LORACLI_CACHE", Path.home() / ".cache" / "loracli"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `accelerate launch -m loracli.run.launch RUN_DIR`."""
+    args = sys.argv[1:] if argv is None else argv
+    train(Path(args[0]))
