@@ -23,6 +23,7 @@ from loracli.buckets import (
     assign_no_upscale,
     count_batches,
     make_bucket_resolutions,
+    mean_ar_error,
 )
 from loracli.config.loader import ResolvedConfig
 from loracli.config.schema import LoracliConfig
@@ -146,8 +147,7 @@ def _assign_all(scan: DatasetScan, assign) -> tuple[list[PlannedImage], list[flo
             except ValueError as exc:
                 problems.append(Problem(str(image.path), str(exc), "remove or enlarge the image"))
                 continue
-            if not subset.is_reg:
-                ar_errors.append(a.ar_error)
+            ar_errors.append(a.ar_error)  # sd-scripts averages over reg images too
             planned.append(PlannedImage(
                 path=str(image.path), size=image.size, bucket=a.bucket, resized=a.resized,
                 crop_offset=a.crop_offset, repeats=image.repeats, is_reg=subset.is_reg,
@@ -232,7 +232,7 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         num_reg_images=scan.num_reg_images,
         warmup_steps=warmup,
         buckets=buckets,
-        mean_ar_error=(sum(abs(e) for e in ar_errors) / len(ar_errors)) if ar_errors else None,
+        mean_ar_error=mean_ar_error(ar_errors),
         images=planned,
         skipped=[{"path": str(s.path), "reason": s.reason} for s in scan.skipped],
         dataset_dirs=_dirs(scan, reg=False),

@@ -234,8 +234,6 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
         learning_rate_recorded=None if relative_step else opt.learning_rate,
         network_args=network_args_metadata(config), config_hash=plan.config_hash,
     )
-    modelspec = modelspec_metadata(config, family, title=out.output_name or f"LoRA@{int(started_at)}",
-                                   resolution=ds.resolution_wh, timestamp=started_at)
     saved: dict[str, list[int]] = {"epoch": [], "step": []}
 
     def save(kind: str, number: int, step: int, epoch: int) -> None:
@@ -248,6 +246,9 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
         meta = per_save_metadata(base_meta, steps=step, epoch=epoch, finished_at=time.time())
         if out.no_metadata:
             meta = no_metadata_subset(meta)
+        # modelspec.date is the time of this save, as sd-scripts stamps each file
+        modelspec = modelspec_metadata(config, family, title=out.output_name, resolution=ds.resolution_wh,
+                                       timestamp=time.time())
         atomic_save_safetensors(tensors, assemble_file_metadata(meta, modelspec, tensors), run_dir / name)
         status.write(last_save=name)
         if kind in saved:

@@ -1,0 +1,254 @@
+"""Every rule of presets-and-rules.md, triggered (and, where it matters, not triggered)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loracli.config.loader import resolve_config
+from loracli.errors import ConfigError, DatasetError
+from loracli.family import SD1
+from loracli.lint import estimate_clip_tokens, lint_config, read_sample_prompts
+from loracli.plan import build_plan
+
+BASE = """
+[model]
+pretrained_model_name_or_path = "tiny:sd15"
+[dataset]
+train_data_dir = "data"
+resolution = 128
+enable_bucket = true
+min_bucket_reso = 64
+max_bucket_reso = 256
+[training]
+max_train_epochs = 4
+"""
+
+
+def codes(tmp_path: Path, extra: str = "", presets=(), sets=()) -> dict[str, list[str]]:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE + extra)
+    resolved = resolve_config(cfg, list(presets), list(sets))
+    out: dict[str, list[str]] = {}
+    for f in lint_config(resolved.config, SD1, resolved.origins):
+        out.setdefault(f.code, []).append(f.key)
+    return out
+
+
+# --- errors -------------------------------------------------------------------------------
+
+def test_e1_unknown_key_and_wrong_type_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean training.max_train_epochs"):
+        codes(tmp_path, "[training]\n", sets=["training.max_train_epoch=3"])
+
+
+def test_e2_missing_or_empty_dataset(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE)
+    with pytest.raises(DatasetError, match="data"):
+        build_plan(resolve_config(cfg))
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DatasetError, match="no usable images"):
+        build_plan(resolve_config(cfg))
+
+
+def test_e3_adafactor_scheduler_needs_adafactor(tmp_path):
+    assert "E3" in codes(tmp_path, "[optimizer]\nlr_scheduler = 'adafactor'\n")
+    assert "E3" not in codes(tmp_path, "[optimizer]\nlr_scheduler = 'adafactor'\noptimizer_type = 'AdaFactor'\n")
+
+
+@pytest.mark.parametrize("extra", ["shuffle_caption = true", "caption_dropout_rate = 0.1",
+                                   "caption_dropout_every_n_epochs = 2", "caption_tag_dropout_rate = 0.1"])
+def test_e4_text_encoder_cache_conflicts(tmp_path, extra):
+    frozen = "[network]\nnetwork_train_unet_only = true\n"
+    text = BASE.replace("resolution = 128", f"resolution = 128\n{extra}")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text + frozen + "cache_text_encoder_outputs = true\n".join(["[training]\n", ""]))
+    resolved = resolve_config(cfg)
+    assert "E4" in {f.code for f in lint_config(resolved.config, SD1, resolved.origins)}
+
+
+def test_e4_also_when_the_text_encoder_trains(tmp_path):
+    assert "E4" in codes(tmp_path, sets=["training.cache_text_encoder_outputs=true"])
+    assert "E4" not in codes(tmp_path, sets=["training.cache_text_encoder_outputs=true",
+                                             "network.network_train_unet_only=true"])
+
+
+@pytest.mark.parametrize("aug", ["color_aug", "random_crop"])
+def test_e5_latent_cache_with_pixel_augmentation(tmp_path, aug):
+    assert "E5" in codes(tmp_path, sets=["dataset.cache_latents=true", f"dataset.{aug}=true"])
+    assert "E5" not in codes(tmp_path, sets=["dataset.cache_latents=true", "dataset.flip_aug=true"])
+
+
+def test_e6_max_token_length(tmp_path):
+    with pytest.raises(ConfigError, match="75, 150 or 225"):
+        codes(tmp_path, sets=["dataset.max_token_length=76"])
+    assert codes(tmp_path, sets=["dataset.max_token_length=150"]) is not None
+
+
+def test_e7_empty_output_name(tmp_path):
+    assert "E7" in codes(tmp_path, sets=["output.output_name=''"])
+    assert "E7" in codes(tmp_path, sets=['output.output_name="  "'])
+
+
+def test_e8_bucket_rules(tmp_path):
+    assert codes(tmp_path, sets=["dataset.min_bucket_reso=512"])["E8"] == ["dataset.min_bucket_reso"]
+    assert codes(tmp_path, sets=["dataset.resolution=512"])["E8"] == ["dataset.resolution"]
+    assert codes(tmp_path, sets=["dataset.bucket_reso_steps=32"])["E8"] == ["dataset.bucket_reso_steps"]
+    assert "E8" not in codes(tmp_path, sets=["dataset.bucket_reso_steps=128"])
+
+
+def test_e9_no_length(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE.replace("max_train_epochs = 4", ""))
+    resolved = resolve_config(cfg)
+    assert "E9" in {f.code for f in lint_config(resolved.config, SD1, resolved.origins)}
+    assert "E9" not in codes(tmp_path, sets=["training.max_train_steps=100"])
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "adafactor"])
+def test_e10_schedules_without_warmup(tmp_path, scheduler):
+    found = codes(tmp_path, sets=[f"optimizer.lr_scheduler='{scheduler}'", "optimizer.lr_warmup_steps=5",
+                                  "optimizer.optimizer_type='AdaFactor'"])
+    assert "E10" in found
+    assert "E10" not in codes(tmp_path, sets=["optimizer.lr_scheduler='constant_with_warmup'",
+                                              "optimizer.lr_warmup_steps=5"])
+
+
+def test_e10_adafactor_relative_step_takes_no_warmup(tmp_path):
+    assert "E10" in codes(tmp_path, sets=["optimizer.optimizer_type='AdaFactor'", "optimizer.lr_scheduler='cosine'",
+                                          "optimizer.lr_warmup_steps=0.1"])
+    assert "E10" not in codes(tmp_path, sets=["optimizer.optimizer_type='AdaFactor'",
+                                              "optimizer.lr_scheduler='cosine'", "optimizer.lr_warmup_steps=0.1",
+                                              "optimizer.optimizer_args.relative_step=false"])
+
+
+def test_e11_float_warmup_at_least_one(tmp_path):
+    with pytest.raises(ConfigError, match="lr_warmup_steps"):
+        codes(tmp_path, sets=["optimizer.lr_warmup_steps=1.0"])
+    assert "E10" not in codes(tmp_path, sets=["optimizer.lr_scheduler='cosine'", "optimizer.lr_warmup_steps=0.5"])
+
+
+# --- warnings -----------------------------------------------------------------------------
+
+def test_w1_alpha_above_dim(tmp_path):
+    assert codes(tmp_path, sets=["network.network_dim=4", "network.network_alpha=8"])["W1"] == ["network.network_alpha"]
+    assert "W1" not in codes(tmp_path, sets=["network.network_dim=8", "network.network_alpha=8"])
+    assert "W1" in codes(tmp_path, sets=["network.conv_dim=2", "network.conv_alpha=4"])
+
+
+def test_w2_adaptive_optimizer_with_small_lr(tmp_path):
+    found = codes(tmp_path, presets=["dadapt-v3"], sets=["optimizer.unet_lr=1e-4"])
+    assert found["W2"] == ["optimizer.unet_lr"]
+    assert "W2" not in codes(tmp_path, presets=["dadapt-v3"])
+    assert "W2" not in codes(tmp_path, presets=["prodigy"], sets=["optimizer.text_encoder_lr=0"])  # 0 = off
+
+
+def test_w3_weight_decay_without_decouple(tmp_path):
+    assert "W3" in codes(tmp_path, presets=["dadapt-v3"], sets=["optimizer.optimizer_args.decouple=false"])
+    assert "W3" not in codes(tmp_path, presets=["dadapt-v3"])
+    # Prodigy decouples by default: only an explicit false warns.
+    assert "W3" not in codes(tmp_path, sets=["optimizer.optimizer_type='Prodigy'", "optimizer.learning_rate=1.0",
+                                             "optimizer.optimizer_args.weight_decay=0.01"])
+
+
+def test_w4_noise_offset_with_adaptive_optimizer(tmp_path):
+    assert "W4" in codes(tmp_path, presets=["prodigy"], sets=["training.noise_offset=0.3"])
+    assert "W4" not in codes(tmp_path, presets=["prodigy"], sets=["training.noise_offset=0.1"])
+
+
+def test_w5_discount_without_iterations(tmp_path):
+    assert "W5" in codes(tmp_path, sets=["training.multires_noise_discount=0.2"])
+    assert "W5" not in codes(tmp_path, sets=["training.multires_noise_discount=0.2",
+                                             "training.multires_noise_iterations=6"])
+
+
+def test_w6_constant_with_manual_lr(tmp_path):
+    assert "W6" in codes(tmp_path)  # AdamW + constant by default
+    assert "W6" not in codes(tmp_path, presets=["prodigy"])
+    assert "W6" not in codes(tmp_path, presets=["adamw8bit"])
+
+
+def test_w7_prodigy_warmup_without_safeguard(tmp_path):
+    sets = ["optimizer.lr_scheduler='cosine'", "optimizer.lr_warmup_steps=0.1"]
+    assert "W7" in codes(tmp_path, presets=["prodigy"], sets=sets)
+    assert "W7" not in codes(tmp_path, presets=["prodigy"], sets=sets + ["optimizer.optimizer_args.safeguard_warmup=true"])
+
+
+def test_w8_min_snr_gamma_range(tmp_path):
+    assert "W8" in codes(tmp_path, sets=["training.min_snr_gamma=0.5"])
+    assert "W8" in codes(tmp_path, sets=["training.min_snr_gamma=25"])
+    assert "W8" not in codes(tmp_path, sets=["training.min_snr_gamma=5"])
+
+
+def test_w12_bucket_limits_not_multiples(tmp_path):
+    found = codes(tmp_path, sets=["dataset.min_bucket_reso=100", "dataset.max_bucket_reso=300"])
+    assert "W12" in found
+
+
+def plan_warnings(tmp_path, make_image, extra="", setup=None):
+    data = tmp_path / "data"
+    for i in range(4):
+        make_image(data / "2_char" / f"{i}.png", 128, 128)
+        (data / "2_char" / f"{i}.txt").write_text("char\n")
+    if setup:
+        setup(data)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE + extra)
+    plan = build_plan(resolve_config(cfg))
+    return {w["code"]: w for w in plan.warnings}, plan
+
+
+def test_w9_skipped_folders_files_and_uncaptioned(tmp_path, make_image):
+    def setup(data):
+        make_image(data / "char_no_prefix" / "a.png", 64, 64)
+        (data / "2_char" / "notes.gif").write_bytes(b"GIF89a")
+        make_image(data / "2_char" / "upper.Png", 128, 128)
+        make_image(data / "2_char" / "nocaption.png", 128, 128)
+
+    warnings, plan = plan_warnings(tmp_path, make_image, setup=setup)
+    assert "W9" in warnings
+    text = " ".join(w["message"] for w in plan.warnings if w["code"] == "W9")
+    assert "char_no_prefix" in text and "caption" in text
+
+
+def test_w10_total_steps_far_from_guides(tmp_path, make_image):
+    warnings, plan = plan_warnings(tmp_path, make_image)
+    assert "W10" in warnings and str(plan.total_steps) in warnings["W10"]["message"]
+
+
+def test_w10_not_raised_in_range(tmp_path, make_image):
+    warnings, plan = plan_warnings(tmp_path, make_image, "[network]\n",
+                                   lambda d: None)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE.replace("max_train_epochs = 4", "max_train_epochs = 500"))
+    plan = build_plan(resolve_config(cfg))
+    assert plan.total_steps == 2000
+    assert "W10" not in {w["code"] for w in plan.warnings}
+
+
+def test_w11_long_prompts_and_process_split(tmp_path, make_image):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\n" + ", ".join(f"tag{i}" for i in range(60)) + " --n bad --w 512\n"
+                       "short one\nthird\n")
+    extra = f"[sample]\nsample_prompts = '{prompts}'\n"
+    warnings, _ = plan_warnings(tmp_path, make_image, extra)
+    assert warnings["W11"]["key"] == "sample.sample_prompts" and "77 tokens" in warnings["W11"]["message"]
+    assert read_sample_prompts(prompts)[1:] == ["short one", "third"]
+    assert estimate_clip_tokens("a photo, of a cat") == 6
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE.replace("max_train_epochs = 4", "max_train_epochs = 4\nnum_processes = 2") + extra)
+    plan = build_plan(resolve_config(cfg))
+    messages = [w["message"] for w in plan.warnings if w["code"] == "W11"]
+    assert any("3 prompts do not divide among 2 processes" in m for m in messages)
+
+
+def test_w13_buckets_smaller_than_batch(tmp_path, make_image):
+    warnings, plan = plan_warnings(tmp_path, make_image, "",
+                                   lambda d: make_image(d / "2_char" / "wide.png", 256, 64))
+    assert "W13" not in warnings  # batch size 1
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE.replace("max_train_epochs = 4", "max_train_epochs = 4\ntrain_batch_size = 4"))
+    plan = build_plan(resolve_config(cfg))
+    assert "W13" in {w["code"] for w in plan.warnings}
