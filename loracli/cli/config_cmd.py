@@ -39,11 +39,11 @@ def show(config: Path | None, presets: list[str], overrides: list[str], explain:
         for key, value in _flatten(table).items():
             dotted = f"{section}.{key}"
             origin = resolved.origins.get(dotted) or resolved.origins.get(f"{section}.{key.split('.')[0]}", DEFAULT)
-            print(f"{_toml_line(key, value):<60} # {origin}")
+            print(f"{toml_line(key, value):<60} # {origin}")
         print()
 
 
-def _toml_line(key: str, value: Any) -> str:
+def toml_line(key: str, value: Any) -> str:
     # Dotted keys (optimizer_args.decouple) are valid TOML, so each leaf is one line.
     return f"{key} = " + tomli_w.dumps({"x": value}).strip().removeprefix("x = ")
 

@@ -24,21 +24,19 @@ def list_presets() -> None:
 
 
 def show_preset(name: str) -> None:
+    """Every value as a `key = value` line (pasteable into a config), with its note."""
+    from loracli.cli.config_cmd import toml_line
+
     p = load_preset(name)
-    console = Console(highlight=False)
-    console.print(f"[bold]{p.name}[/bold]: {p.description}", markup=True)
-    console.print(f"source: {p.source}", markup=False)
-    console.print(f"for: {p.purpose}", markup=False)
-    console.print(f"file: {p.path}", markup=False)
-    table = Table()
-    for col in ("key", "value", "note"):
-        table.add_column(col)
+    print(f"{p.name}: {p.description}")
+    print(f"source: {p.source}")
+    print(f"for: {p.purpose}")
+    print(f"file: {p.path}")
     for key, value in _flatten(p.values).items():
-        section_key = key if key.count(".") < 2 else key.rsplit(".", 1)[0]
-        note = p.notes.get(key) or p.notes.get(section_key, "")
-        table.add_row(key, repr(value) if isinstance(value, str) else str(value).lower()
-                      if isinstance(value, bool) else str(value), note)
-    console.print(table)
+        parent = key.rsplit(".", 1)[0]
+        note = p.notes.get(key) or p.notes.get(parent, "")
+        line = toml_line(key, value)
+        print(f"{line:<52} # {note}" if note else line)
 
 
 def copy_preset(name: str, dest: Path, force: bool) -> None:

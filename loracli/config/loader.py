@@ -201,4 +201,18 @@ def resolve_config(
         config = LoracliConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError([_problem_from_error(e, origins, layers) for e in exc.errors()]) from None
-    return ResolvedConfig(config, origins, layers, loaded, config_path)
+    return ResolvedConfig(_absolute_paths(config), origins, layers, loaded, config_path)
+
+
+def _absolute_paths(config: LoracliConfig) -> LoracliConfig:
+    """Defaults like output_dir = "output" are relative to the cwd: pin them, so the
+    resolved config (written to the run folder) means the same from anywhere."""
+    updates: dict[str, Any] = {}
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value is not None and not value.is_absolute():
+            updates.setdefault(section, {})[key] = value.absolute()
+    for section, values in updates.items():
+        config = config.model_copy(update={section: getattr(config, section).model_copy(update=values)})
+    return config
