@@ -182,9 +182,9 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
         load_network_weights(network, net.network_weights)
     train_te = not net.network_train_unet_only and (opt.text_encoder_lr if opt.text_encoder_lr is not None
                                                     else opt.learning_rate) != 0
-    sd.unet.to(device, dtype=weight_dtype)
-    sd.text_encoder.to(device, dtype=weight_dtype)
-    sd.vae.to(device, dtype=torch.float32 if mixed_precision == "fp16" else weight_dtype)
+    for module, dtype in ((sd.unet, weight_dtype), (sd.text_encoder, weight_dtype),
+                          (sd.vae, torch.float32 if mixed_precision == "fp16" else weight_dtype)):
+        module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
     network.to(device)
     if tr.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()

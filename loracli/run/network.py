@@ -1,0 +1,173 @@
+"""LoRA and LyCORIS networks through lycoris_lora's kohya entry point.
+
+Four traps of lycoris_lora 4.1.3 with diffusers models are handled here (see
+stack-notes): (1) its `full` presets crash on SD UNets, so explicit presets name
+kohya's targets; (2) lora and locon share one module class, so only the preset
+decides whether 3x3 convs are wrapped; (3) transformers 5 dropped CLIPTextModel's
+`text_model` level, so text-encoder keys are renamed to the standard
+`lora_te_text_model_...` on save and back on load; (4) `merge_to` double-scales
+LoHa/LoKr, so it is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loracli.errors import ConfigError, Problem
+
+TE_PREFIX = "lora_te_"
+STANDARD_TE = "lora_te_text_model_"  # what A1111, ComfyUI and diffusers expect
+TEXT_TARGETS = ["CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP"]
+# kohya's LoRA-LierLa: Linear and 1x1 convs inside the transformer blocks.
+LORA_PRESET = {
+    "enable_conv": True,  # proj_in/proj_out are 1x1 convs in SD1.5; they take network_dim
+    "unet_target_module": ["Transformer2DModel"],
+    "unet_target_name": [],
+    "text_encoder_target_module": TEXT_TARGETS,
+    "text_encoder_target_name": [],
+    "module_algo_map": {},
+    "name_algo_map": {},
+    "exclude_name": [],
+    "use_fnmatch": False,
+}
+# LoCon/LoHa/LoKr: also the ResNet blocks and the down/up-samplers (3x3 convs take conv_dim).
+CONV_PRESET = {**LORA_PRESET, "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D",
+                                                      "Upsample2D"]}
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    algo: str  # lora | locon | loha | lokr
+    dim: int
+    alpha: float
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    dropout: float | None = None
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_tucker: bool = False
+    use_scalar: bool = False
+    train_unet: bool = True
+    train_text_encoder: bool = True
+    extra_args: dict[str, object] = field(default_factory=dict)
+
+
+def _preset_for(algo: str) -> dict:
+    return LORA_PRESET if algo == "lora" else CONV_PRESET
+
+
+def _has_text_model_level(text_encoder) -> bool:
+    return any(name.startswith("text_model.") for name, _ in text_encoder.named_modules())
+
+
+def create_network(spec: NetworkSpec, text_encoder, unet):
+    """Build the network, wrap the base model's layers with it, and return it."""
+    from lycoris.config import PRESET
+    from lycoris.kohya import LycorisNetworkKohya, create_network as lycoris_create
+    from lycoris.logging import logger as lycoris_logger
+
+    lycoris_logger.setLevel(logging.WARNING)  # its per-module INFO lines drown the progress bar
+
+    alpha = spec.alpha or float(spec.dim)
+    conv_dim = spec.conv_dim or spec.dim
+    conv_alpha = spec.conv_alpha if spec.conv_alpha is not None else alpha
+    PRESET["loracli"] = _preset_for(spec.algo)  # class-level state in lycoris: set before every create
+    kwargs = dict(
+        algo=spec.algo, preset="loracli", conv_dim=conv_dim, conv_alpha=conv_alpha,
+        dropout=spec.dropout or 0.0, rank_dropout=spec.rank_dropout, module_dropout=spec.module_dropout,
+        use_tucker=spec.use_tucker, use_scalar=spec.use_scalar, **spec.extra_args,
+    )
+    network = lycoris_create(1.0, spec.dim, alpha, None, text_encoder, unet, warn_on_unmatched=False, **kwargs)
+    network.apply_to(text_encoder, unet, apply_text_encoder=spec.train_text_encoder, apply_unet=spec.train_unet)
+    if not network.unet_loras and not network.text_encoder_loras:
+        raise ConfigError(Problem("network.algo", f"{spec.algo} found no layers to train in this model"))
+    network.requires_grad_(True)
+    assert isinstance(network, LycorisNetworkKohya)
+    remember_text_encoder(network, text_encoder)
+    return network
+
+
+def count_modules(network) -> tuple[int, int]:
+    return len(network.unet_loras), len(network.text_encoder_loras)
+
+
+def prepare_param_groups(network, text_encoder_lr: float | None, unet_lr: float | None,
+                         learning_rate: float) -> list[dict]:
+    """sd-scripts' groups: text encoder first, then UNet; a group whose lr is 0 is dropped."""
+    groups = []
+    for name, loras, lr in (("textencoder", network.text_encoder_loras, text_encoder_lr),
+                            ("unet", network.unet_loras, unet_lr)):
+        lr = learning_rate if lr is None else lr
+        params = [p for lora in loras for p in lora.parameters() if p.requires_grad]
+        if params and lr != 0:
+            groups.append({"params": params, "lr": lr, "name": name})
+    if not groups:
+        raise ConfigError(Problem("optimizer.learning_rate", "every parameter group has lr 0: nothing to train",
+                                  "set unet_lr or text_encoder_lr above 0"))
+    return groups
+
+
+def _te_renamer(text_encoder):
+    """(to_standard, from_standard) for text-encoder key names of this transformers version."""
+    if text_encoder is not None and _has_text_model_level(text_encoder):
+        return (lambda k: k), (lambda k: k)
+    return (
+        lambda k: STANDARD_TE + k[len(TE_PREFIX):] if k.startswith(TE_PREFIX) and not k.startswith(STANDARD_TE)
+        else k,
+        lambda k: TE_PREFIX + k[len(STANDARD_TE):] if k.startswith(STANDARD_TE) else k,
+    )
+
+
+def to_kohya_state_dict(network, text_encoder=None) -> dict[str, torch.Tensor]:
+    """The network's tensors under the key names every client loads."""
+    te = text_encoder if text_encoder is not None else getattr(network, "_loracli_te", None)
+    to_standard, _ = _te_renamer(te)
+    return {to_standard(k): v.detach() for k, v in network.state_dict().items()}
+
+
+def from_kohya_state_dict(sd: dict[str, torch.Tensor], text_encoder) -> dict[str, torch.Tensor]:
+    _, from_standard = _te_renamer(text_encoder)
+    return {from_standard(k): v for k, v in sd.items()}
+
+
+def load_network_weights(network, path: Path, text_encoder=None) -> tuple[int, int]:
+    """Continue from a LoRA file (network_weights): returns matched (unet, text encoder) modules.
+
+    Fails when the file has modules of a part but none of them match this network
+    (trap 3: a silent zero-match would train from scratch while claiming to resume).
+    """
+    from safetensors.torch import load_file
+
+    te = text_encoder if text_encoder is not None else getattr(network, "_loracli_te", None)
+    try:
+        weights = from_kohya_state_dict(load_file(str(path)), te)
+    except Exception as exc:  # safetensors raises its own error types
+        raise ConfigError(Problem(f"network.network_weights: {path}", f"not a readable LoRA file ({exc})")) from None
+    own = network.state_dict()
+    matched = {k: v for k, v in weights.items() if k in own}
+    mismatched = [k for k, v in matched.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise ConfigError(Problem(f"network.network_weights: {path}",
+                                  f"{len(mismatched)} tensor(s) have other shapes, e.g. {mismatched[0]}",
+                                  "use the same algo, network_dim and conv_dim as the file"))
+    network.load_state_dict(matched, strict=False)
+    modules = {k.split(".")[0] for k in matched}
+    unet = sum(1 for m in modules if m.startswith("lora_unet"))
+    text = sum(1 for m in modules if m.startswith("lora_te"))
+    in_file = {k.split(".")[0] for k in weights}
+    for part, prefix, count, trained in (("UNet", "lora_unet", unet, network.unet_loras),
+                                         ("text encoder", "lora_te", text, network.text_encoder_loras)):
+        if trained and count == 0 and any(m.startswith(prefix) for m in in_file):
+            raise ConfigError(Problem(f"network.network_weights: {path}",
+                                      f"none of the file's {part} modules match this network",
+                                      "check network.algo and the base model"))
+    return unet, text
+
+
+def remember_text_encoder(network, text_encoder) -> None:
+    """Key renaming depends on the text encoder's module layout; keep a reference."""
+    object.__setattr__(network, "_loracli_te", text_encoder)

@@ -1,0 +1,110 @@
+"""`tiny:sd15`: a tiny, deterministic, random-weight SD1.x pipeline built from configs.
+
+For smoke tests and CI runs of users' configs: it has SD1.x's structure
+(CrossAttn blocks, a VAE with a latent factor of 8, a CLIP text encoder, the
+SD1.5 noise schedule) at a size that trains in milliseconds per step on a CPU.
+The tokenizer vocabulary is written by this module (byte-level characters and a
+few merges), so nothing is ever downloaded. Built once, cached on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_VERSION = 1
+TINY_MODELS = {"tiny:sd15": f"tiny-sd15-v{TINY_VERSION}"}
+MERGES = ["t h", "th e</w>", "a n", "i n", "o n", "e r", "r e", "a r", "o r", "e n"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORACLI_CACHE") or Path.home() / ".cache" / "loracli")
+
+
+def _byte_chars() -> list[str]:
+    """CLIP's byte-to-unicode table: printable bytes map to themselves, the rest above 255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """vocab.json + merges.txt for CLIPTokenizer: bytes, bytes + </w>, merges, specials."""
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n", encoding="utf-8")
+
+
+def build_tiny_sd15(target: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)  # deterministic weights: the same model on every machine
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        sample_size=64,
+    )
+    tok_dir = target / "_tokenizer_src"
+    write_tokenizer_files(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(target)
+    shutil.rmtree(tok_dir)
+
+
+def ensure_tiny_model(name: str, cache_dir: Path | None = None) -> Path:
+    """The folder of a built-in tiny model, building it on first use."""
+    if name not in TINY_MODELS:
+        from loracli.errors import ConfigError, Problem
+
+        raise ConfigError(Problem("model.pretrained_model_name_or_path", f"unknown built-in model {name!r}",
+                                  f"built-in models: {', '.join(TINY_MODELS)}"))
+    root = cache_dir or cache_root()
+    target = root / TINY_MODELS[name]
+    if (target / "model_index.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename into place: two processes building at once
+    # never see (or leave) a half-written model.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        build_tiny_sd15(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "model_index.json").is_file():  # lost a race to a complete model: fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
