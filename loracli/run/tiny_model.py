@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_MODELS = {"tiny:sd15": f"tiny-sd15-v{TINY_VERSION}"}
 MERGES = ["t h", "th e</w>", "a n", "i n", "o n", "e r", "r e", "a r", "o r", "e n"]
 
@@ -75,7 +75,8 @@ def build_tiny_sd15(target: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
     ))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon")
+                              num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon",
+                              steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
