@@ -71,3 +71,47 @@ def test_each_optimizer_family_learns(smoke_project, optimizer):
     before = fixed_batch_loss(run, None)
     after = fixed_batch_loss(run, run / "smoke.safetensors")
     assert after < before, (optimizer, before, after)
+
+
+def test_resume_from_network_weights_continues_learning(smoke_project):
+    first = train(smoke_project, "--set", "training.max_train_epochs=3")
+    start = first / "smoke.safetensors"
+    second = train(smoke_project, "--set", "training.max_train_epochs=3", "--set",
+                   f"network.network_weights={json.dumps(str(start))}")
+    base = fixed_batch_loss(second, None)
+    after_first = fixed_batch_loss(second, start)
+    after_second = fixed_batch_loss(second, second / "smoke.safetensors")
+    assert after_second < after_first < base
+
+
+def test_saved_file_metadata_and_hashes(smoke_project):
+    import hashlib
+
+    from safetensors.torch import load_file, save
+
+    run = train(smoke_project, "--set", "output.save_precision='fp16'")
+    path = run / "smoke.safetensors"
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    assert all(v.dtype == torch.float16 for v in tensors.values())  # alpha cast too
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"1_style": {"n_repeats": 1, "img_count": 2},
+                                                   "2_char": {"n_repeats": 2, "img_count": 4}}
+    ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
+    data = save(tensors, metadata=ss_only)
+    header = int.from_bytes(data[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + header:]).hexdigest()
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert meta["loracli_config_hash"] == json.loads((run / "plan.json").read_text())["config_hash"]
+
+
+def test_nan_loss_stops_with_the_step(smoke_project):
+    result = run_cli("train", "--config", smoke_project, "--set", "optimizer.learning_rate=1e30",
+                     "--set", "training.max_train_epochs=6")
+    assert result.exit_code == 4, (result.stdout, result.stderr)
+    assert "at step" in result.stderr and "Traceback" not in result.output
+    run = next((smoke_project.parent / "runs").iterdir())
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "at step" in status["error"]
