@@ -115,3 +115,43 @@ def test_nan_loss_stops_with_the_step(smoke_project):
     run = next((smoke_project.parent / "runs").iterdir())
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and "at step" in status["error"]
+
+
+def test_every_step_option_together_runs(smoke_project):
+    """bf16, gradient checkpointing, cached latents with flips, noise and loss options, long prompts."""
+    sets = ["training.mixed_precision='bf16'", "training.gradient_checkpointing=true",
+            "dataset.cache_latents=true", "dataset.flip_aug=true", "training.min_snr_gamma=5",
+            "training.noise_offset=0.05", "training.multires_noise_iterations=3", "model.clip_skip=2",
+            "dataset.max_token_length=150", "model.v_parameterization=true", "dataset.shuffle_caption=true",
+            "dataset.keep_tokens=1", "dataset.caption_dropout_rate=0.2", "network.algo='locon'",
+            "network.network_dropout=0.1", "network.scale_weight_norms=1.0", "optimizer.lr_scheduler='cosine'",
+            "optimizer.lr_warmup_steps=0.2", "training.gradient_accumulation_steps=2"]
+    run = train(smoke_project, *[a for s in sets for a in ("--set", s)])
+    plan = json.loads((run / "plan.json").read_text())
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == plan["total_steps"] == plan["epochs"] * plan["steps_per_epoch"]
+    assert plan["steps_per_epoch"] == -(-plan["batches_per_epoch"] // 2)  # GA 2
+    assert all(loss == loss and loss < 1e3 for loss in losses)
+    with safe_open(run / "smoke.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sd_v1_v" and meta["modelspec.prediction_type"] == "v"
+    assert meta["ss_min_snr_gamma"] == "5.0" and meta["ss_clip_skip"] == "2"
+
+
+def test_disk_latent_cache_is_reused_and_keyed(smoke_project):
+    sets = ["--set", "dataset.cache_latents_to_disk=true"]
+    first = run_cli("train", "--config", smoke_project, *sets)
+    assert first.exit_code == 0, first.stderr
+    assert "latents cached: 6 encoded" in first.stderr
+    second = run_cli("train", "--config", smoke_project, *sets)
+    assert "latents cached: 0 encoded, 6 read from disk" in second.stderr
+    changed = run_cli("train", "--config", smoke_project, *sets, "--set", "dataset.resolution=128",
+                      "--set", "dataset.min_bucket_reso=128", "--set", "dataset.max_bucket_reso=256")
+    assert changed.exit_code == 0, changed.stderr
+    assert "latents cached: 6 encoded" in changed.stderr  # new buckets: nothing stale reused
+
+
+def test_tensorboard_logs_when_asked(smoke_project):
+    run = train(smoke_project, "--set", "logging.logging_dir='tb'")
+    events = list((smoke_project.parent / "tb").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
