@@ -37,7 +37,7 @@ def run_train(resolved: ResolvedConfig, strict: bool) -> None:
 
     processes = resolved.config.training.num_processes
     if processes > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "-m", "loracli.run.launch", str(run_dir)]
         code = subprocess.call(cmd, env=dict(os.environ))
         if code:

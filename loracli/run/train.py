@@ -105,13 +105,15 @@ class StatusFile:
 
     def __init__(self, run_dir: Path, total_steps: int):
         self.path = run_dir / "status.json"
+        self.enabled = int(os.environ.get("RANK", "0")) == 0  # one writer: the main process
         self.data = {"state": "running", "step": 0, "epoch": 0, "total_steps": total_steps, "last_save": None,
                      "error": None, "started_at": time.time(), "updated_at": time.time(), "pid": os.getpid()}
         self.write()
 
     def write(self, **changes) -> None:
         self.data.update(changes, updated_at=time.time())
-        atomic_write_json(self.path, self.data)
+        if self.enabled:
+            atomic_write_json(self.path, self.data)
 
 
 def train(run_dir: Path) -> Path:
@@ -154,7 +156,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
 
     tr, ds, net, opt, out = config.training, config.dataset, config.network, config.optimizer, config.output
     family = family_for(config.model.v2)
-    progress = TrainingProgress(plan.total_steps)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    progress = TrainingProgress(plan.total_steps, enabled=main_process)
     log = progress.log
 
     # --- accelerator: one process in-process, or one of N under accelerate launch
@@ -163,6 +166,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
     mixed_precision = resolve_mixed_precision(tr.mixed_precision, log)
     logging_dir = config.logging.logging_dir
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes then use gloo (how multi-process is tested)
         mixed_precision=mixed_precision,
         log_with="tensorboard" if logging_dir else None,
         project_dir=str(logging_dir) if logging_dir else None,

@@ -155,3 +155,13 @@ def test_tensorboard_logs_when_asked(smoke_project):
     run = train(smoke_project, "--set", "logging.logging_dir='tb'")
     events = list((smoke_project.parent / "tb").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_two_processes_split_the_epoch(smoke_project):
+    """num_processes = 2 goes through accelerate launch (gloo processes on a CPU)."""
+    run = train(smoke_project, "--set", "training.num_processes=2")
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["batches_per_process"] == -(-plan["batches_per_epoch"] // 2)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == plan["total_steps"]
+    assert (run / "smoke.safetensors").is_file()
