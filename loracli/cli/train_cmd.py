@@ -6,17 +6,24 @@ One process trains in-process; `training.num_processes > 1` goes through
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 from loracli.cli.plan_view import check_strict, print_plan
 from loracli.config.loader import ResolvedConfig
+from loracli.errors import ConfigError, Problem
 from loracli.plan import build_plan
 from loracli.rundir import create_run_dir, write_run_files
+
+
+def _refuse_unbuilt_features(resolved: ResolvedConfig) -> None:
+    """Options the plan understands but training does not carry out yet fail here, not silently."""
+    sample = resolved.config.sample
+    if sample.sample_prompts or sample.sample_every_n_steps or sample.sample_every_n_epochs or sample.sample_at_first:
+        raise ConfigError(Problem("sample", "sample images during training are not available yet",
+                                  "remove the [sample] settings to train (loracli plan still checks the prompts)"))
 
 
 def run_train(resolved: ResolvedConfig, strict: bool) -> None:
@@ -29,6 +36,7 @@ def run_train(resolved: ResolvedConfig, strict: bool) -> None:
         resolved.config = config
         resolved.origins["training.seed"] = "drawn at random"
     plan = build_plan(resolved)
+    _refuse_unbuilt_features(resolved)
     print_plan(resolved, plan)
     check_strict(plan, strict)
     run_dir = create_run_dir(resolved.config)

@@ -100,6 +100,8 @@ CASES = [
          "network_train_text_encoder_only = true\n", names=["network.network_train_unet_only"]),
     Case("--set without a value", GOOD, ["--set", "training.seed"], names=["--set training.seed"]),
     Case("--set unknown key", GOOD, ["--set", "training.sed=1"], names=["training.sed", "did you mean training.seed"]),
+    Case("train with sampling (not built yet)", GOOD + "[sample]\nsample_every_n_epochs = 1\n", command="train",
+         names=["sample", "not available yet"]),
     Case("train with a bad config", GOOD + "[optimizer]\nlr_scheduler = 'adafactor'\n", command="train",
          names=["optimizer.lr_scheduler"]),
 ]

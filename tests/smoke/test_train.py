@@ -152,7 +152,7 @@ def test_disk_latent_cache_is_reused_and_keyed(smoke_project):
 
 
 def test_tensorboard_logs_when_asked(smoke_project):
-    run = train(smoke_project, "--set", "logging.logging_dir='tb'")
+    train(smoke_project, "--set", "logging.logging_dir='tb'")
     events = list((smoke_project.parent / "tb").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
