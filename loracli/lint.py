@@ -9,6 +9,7 @@ dataset is scanned; dataset rules run on the scan and the schedule.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,9 +20,6 @@ from loracli.family import ModelFamily
 if TYPE_CHECKING:
     from loracli.dataset.scan import DatasetScan
     from loracli.schedule import Schedule
-
-ADAPTIVE_PREFIXES = ("dadapt", "prodigy")
-
 
 @dataclass(frozen=True)
 class Finding:
@@ -45,16 +43,16 @@ class Finding:
 
 
 def is_adaptive(optimizer_type: str) -> bool:
-    return optimizer_type.lower().startswith(ADAPTIVE_PREFIXES)
+    """DAdapt* and Prodigy: they scale lr by their own estimate d, so they expect lr around 1."""
+    lower = optimizer_type.lower()
+    return lower.startswith("dadapt") or lower == "prodigy"
 
 
-def adafactor_relative_step(config: LoracliConfig) -> bool:
-    """sd-scripts: Adafactor's relative_step defaults to true; warmup_init forces it."""
-    opt = config.optimizer
-    if opt.optimizer_type.lower() != "adafactor":
+def adafactor_uses_relative_step(optimizer_type: str, optimizer_args: Mapping[str, object]) -> bool:
+    """sd-scripts: Adafactor's relative_step defaults to true; warmup_init forces it on."""
+    if optimizer_type.lower() != "adafactor":
         return False
-    args = opt.optimizer_args
-    return bool(args.get("relative_step", True)) or bool(args.get("warmup_init", False))
+    return bool(optimizer_args.get("relative_step", True)) or bool(optimizer_args.get("warmup_init", False))
 
 
 def effective_te_lr(config: LoracliConfig) -> float:
@@ -132,7 +130,7 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
                            f"the {opt.lr_scheduler} scheduler takes no warmup (got {opt.lr_warmup_steps})",
                            "use lr_scheduler = \"constant_with_warmup\" or set lr_warmup_steps = 0",
                            "sd-scripts-behaviour §5"))
-    elif warmup_set and adafactor_relative_step(config):
+    elif warmup_set and adafactor_uses_relative_step(optimizer, opt.optimizer_args):
         out.append(Finding("error", "E10", "optimizer.lr_warmup_steps",
                            "Adafactor with relative_step uses its own schedule and takes no warmup",
                            "set lr_warmup_steps = 0, or optimizer_args.relative_step = false",

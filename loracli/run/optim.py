@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from loracli.errors import ConfigError, Problem, TrainingError
+from loracli.lint import adafactor_uses_relative_step, is_adaptive  # noqa: F401  (shared with the plan side)
 
 WHERE = "optimizer.optimizer_type"
 
@@ -60,19 +61,6 @@ SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosi
 def canonical_optimizer_name(optimizer_type: str) -> str | None:
     """The canonical spelling of a built-in name (any case), or None for other names."""
     return _BY_LOWER.get(optimizer_type.lower())
-
-
-def is_adaptive(optimizer_type: str) -> bool:
-    """DAdapt* and Prodigy: they scale lr by their own estimate d."""
-    lower = optimizer_type.lower()
-    return lower.startswith("dadapt") or lower == "prodigy"
-
-
-def adafactor_uses_relative_step(optimizer_type: str, optimizer_args: Mapping[str, object]) -> bool:
-    """sd-scripts: relative_step defaults to True for Adafactor; warmup_init forces it on."""
-    if optimizer_type.lower() != "adafactor":
-        return False
-    return bool(optimizer_args.get("relative_step", True)) or bool(optimizer_args.get("warmup_init", False))
 
 
 def _import(module_name: str, optimizer_type: str):

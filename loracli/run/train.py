@@ -24,7 +24,6 @@ from loracli.config.loader import read_toml
 from loracli.config.schema import LoracliConfig
 from loracli.errors import ConfigError, Problem, TrainingError
 from loracli.family import family_for
-from loracli.lint import adafactor_relative_step
 from loracli.plan import Plan, load_plan
 from loracli.rundir import atomic_write_json
 from loracli.run.data import BucketBatches, ExampleLoader
@@ -44,7 +43,7 @@ from loracli.run.network import (
     prepare_param_groups,
     to_kohya_state_dict,
 )
-from loracli.run.optim import build_optimizer, build_scheduler, current_lrs
+from loracli.run.optim import adafactor_uses_relative_step, build_optimizer, build_scheduler, current_lrs
 from loracli.run.progress import TrainingProgress
 from loracli.run.saving import atomic_save_safetensors, cast_for_save
 from loracli.run.step import compute_target, diffusion_loss, encode_prompts, sample_noise, sample_timesteps
@@ -218,7 +217,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
     # --- optimizer and schedule (sd-scripts' param groups: text encoder first, then UNet)
     groups = prepare_param_groups(network, opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
     optimizer, optimizer_name = build_optimizer(opt.optimizer_type, groups, opt.learning_rate, opt.optimizer_args)
-    relative_step = adafactor_relative_step(config)
+    relative_step = adafactor_uses_relative_step(opt.optimizer_type, opt.optimizer_args)
     scheduler_name = "adafactor" if relative_step else opt.lr_scheduler
     # The scheduler steps num_processes times per update (accelerate), hence the product.
     lr_scheduler = build_scheduler(scheduler_name, optimizer, plan.warmup_steps,
