@@ -11,22 +11,13 @@ Cross-section rules (those that need several values or the dataset) live in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Resolution = Union[int, tuple[int, int]]
 OptimizerArg = Union[bool, int, float, str, list[Union[bool, int, float, str]]]
 
-SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "adafactor",
-)
 Scheduler = Literal[
     "constant",
     "constant_with_warmup",
@@ -36,6 +27,7 @@ Scheduler = Literal[
     "polynomial",
     "adafactor",
 ]
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 
 class Section(BaseModel):

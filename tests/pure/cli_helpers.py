@@ -17,7 +17,6 @@ min_bucket_reso = 64
 max_bucket_reso = 256
 [training]
 max_train_epochs = 4
-train_batch_size = 2
 """
 
 

@@ -8,20 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.pure.cli_helpers import run_cli
+from tests.pure.cli_helpers import EXAMPLE_DATASET_TOML, run_cli
 
-GOOD = """
-[model]
-pretrained_model_name_or_path = "tiny:sd15"
-[dataset]
-train_data_dir = "data"
-resolution = 128
-enable_bucket = true
-min_bucket_reso = 64
-max_bucket_reso = 256
-[training]
-max_train_epochs = 4
-"""
+GOOD = EXAMPLE_DATASET_TOML
 
 
 @dataclass

@@ -11,19 +11,9 @@ from loracli.errors import ConfigError, DatasetError
 from loracli.family import SD1
 from loracli.lint import estimate_clip_tokens, lint_config, read_sample_prompts
 from loracli.plan import build_plan
+from tests.pure.cli_helpers import EXAMPLE_DATASET_TOML
 
-BASE = """
-[model]
-pretrained_model_name_or_path = "tiny:sd15"
-[dataset]
-train_data_dir = "data"
-resolution = 128
-enable_bucket = true
-min_bucket_reso = 64
-max_bucket_reso = 256
-[training]
-max_train_epochs = 4
-"""
+BASE = EXAMPLE_DATASET_TOML
 
 
 def codes(tmp_path: Path, extra: str = "", presets=(), sets=()) -> dict[str, list[str]]:
