@@ -47,6 +47,23 @@ def test_each_algo_learns(smoke_project, algo):
     before = fixed_batch_loss(run, None)
     after = fixed_batch_loss(run, run / "smoke.safetensors")
     assert after < before, (algo, before, after)
+    if algo in ("lora", "locon"):  # what users load in diffusers
+        assert_diffusers_loads(run / "smoke.safetensors")
+
+
+def assert_diffusers_loads(path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from loracli.run.tiny_model import ensure_tiny_model
+
+    pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_model("tiny:sd15"), local_files_only=True)
+    g = torch.Generator().manual_seed(0)
+    latents, hidden = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        base = pipe.unet(latents, torch.tensor([500]), hidden).sample
+        pipe.load_lora_weights(str(path))
+        loaded = pipe.unet(latents, torch.tensor([500]), hidden).sample
+    assert not torch.allclose(base, loaded, atol=1e-6)
 
 
 OPTIMIZERS = {
