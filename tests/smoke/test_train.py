@@ -182,3 +182,17 @@ def test_two_processes_split_the_epoch(smoke_project):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == plan["total_steps"]
     assert (run / "smoke.safetensors").is_file()
+
+
+def test_saves_and_pruning_match_the_plan(smoke_project):
+    """Epoch and step files with save_last_n_*: the run keeps exactly what the plan predicts."""
+    sets = ["training.max_train_epochs=5", "output.save_every_n_epochs=1", "output.save_last_n_epochs=2",
+            "output.save_every_n_steps=4", "output.save_last_n_steps=8"]
+    run = train(smoke_project, *[a for s in sets for a in ("--set", s)])
+    plan = json.loads((run / "plan.json").read_text())
+    saved = sorted(p.name for p in run.glob("*.safetensors"))
+    assert saved == sorted(plan["expected_files"])
+    assert "smoke-000004.safetensors" in saved and "smoke-000001.safetensors" not in saved
+    assert not list(run.glob(".*.tmp"))  # no temporary files left behind
+    with safe_open(run / "smoke-000004.safetensors", "pt") as f:
+        assert f.metadata()["ss_epoch"] == "4"
