@@ -58,3 +58,9 @@ class DatasetError(LoracliError):
 
 class TrainingError(LoracliError):
     exit_code = EXIT_TRAINING
+
+
+class Interrupted(LoracliError):
+    """SIGINT/SIGTERM: the state was saved and the run can be resumed."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, TypeVar
 import typer
 
 from loracli import __version__
-from loracli.errors import LoracliError
+from loracli.errors import EXIT_INTERRUPTED, ConfigError, LoracliError, Problem
 
 F = TypeVar("F", bound=Callable)
 
@@ -50,6 +50,9 @@ def guarded(fn: F) -> F:
             for problem in exc.problems:
                 err(f"error: {problem.render()}")
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -106,7 +109,8 @@ def plan(
 
 @app.command(
     epilog="Examples:\n\n  loracli train --preset dadapt-v3 --config examples/tiny/loracli.toml\n\n"
-    "  loracli train --config my.toml --set training.max_train_epochs=20 --output-dir runs",
+    "  loracli train --config my.toml --set training.max_train_epochs=20 --output-dir runs\n\n"
+    "  loracli train --resume runs/my-lora-20261122-153000",
 )
 @guarded
 def train(
@@ -115,9 +119,19 @@ def train(
     set_: Optional[List[str]] = SetOpt,
     strict: bool = typer.Option(False, "--strict", help="Treat warnings as errors."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Overrides output.output_dir."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue an interrupted run from its last saved state (a run folder)."
+    ),
 ) -> None:
     """Validate, plan, write a run folder, then train."""
-    from loracli.cli.train_cmd import run_train
+    from loracli.cli.train_cmd import resume_train, run_train
+
+    if resume is not None:
+        if config or preset or set_ or output_dir:
+            raise ConfigError(Problem("--resume", "a resumed run keeps its own config",
+                                      "drop --config/--preset/--set/--output-dir"))
+        resume_train(resume)
+        return
 
     overrides = list(set_ or [])
     if output_dir is not None:

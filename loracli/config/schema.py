@@ -198,6 +198,10 @@ class OutputSection(Section):
     save_every_n_steps: int | None = Field(None, ge=1)
     save_last_n_epochs: int | None = Field(None, ge=1)
     save_last_n_steps: int | None = Field(None, ge=1)
+    save_state_every_n_steps: int | None = Field(
+        None, ge=1, description="Save the full training state (for --resume) every n steps; also on Ctrl-C."
+    )
+    save_last_n_states: int = Field(2, ge=1, description="How many training states to keep.")
     training_comment: str | None = None
     no_metadata: bool = False
 

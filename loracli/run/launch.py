@@ -12,7 +12,7 @@ def main() -> None:
     from loracli.run.train import train
 
     try:
-        train(Path(sys.argv[1]))
+        train(Path(sys.argv[1]), resume="--resume" in sys.argv[2:])
     except LoracliError as exc:
         for problem in exc.problems:
             sys.stderr.write(f"error: {problem.render()}\n")

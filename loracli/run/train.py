@@ -22,10 +22,10 @@ import torch
 
 from loracli.config.loader import read_toml
 from loracli.config.schema import LoracliConfig
-from loracli.errors import ConfigError, Problem, TrainingError
+from loracli.errors import ConfigError, Interrupted, Problem, TrainingError
 from loracli.family import family_for
 from loracli.plan import Plan, load_plan
-from loracli.rundir import atomic_write_json
+from loracli.rundir import atomic_write_json, atomic_write_text
 from loracli.run.data import BucketBatches, ExampleLoader
 from loracli.run.latents import LatentCache, encode
 from loracli.run.metadata import (
@@ -46,6 +46,7 @@ from loracli.run.network import (
 from loracli.run.optim import adafactor_uses_relative_step, build_optimizer, build_scheduler, current_lrs
 from loracli.run.progress import TrainingProgress
 from loracli.run.saving import atomic_save_safetensors, cast_for_save
+from loracli.run.state import TrainState, load_latest_state, loader_rng_state, save_state
 from loracli.run.step import compute_target, diffusion_loss, encode_prompts, sample_noise, sample_timesteps
 from loracli.schedule import epoch_file_name, final_file_name, kept_after_pruning, step_file_name
 
@@ -115,15 +116,29 @@ class StatusFile:
             atomic_write_json(self.path, self.data)
 
 
-def train(run_dir: Path) -> Path:
-    """Train the run described by run_dir; returns the final LoRA file."""
+class StopFlag:
+    """The first Ctrl-C/SIGTERM asks the loop to save its state and stop after the current step;
+    a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def train(run_dir: Path, resume: bool = False) -> Path:
+    """Train the run described by run_dir (continuing from its last state with resume); returns the final file."""
     config, plan = read_run(run_dir)
     status = StatusFile(run_dir, plan.total_steps)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    stop = StopFlag()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
     try:
-        final = _train(run_dir, config, plan, status)
-    except KeyboardInterrupt:
-        status.write(state="interrupted", error="interrupted by a signal")
+        final = _train(run_dir, config, plan, status, stop, resume)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        status.write(state="interrupted", error=str(exc) or "interrupted by a signal")
         raise
     except TrainingError as exc:
         status.write(state="failed", error=str(exc))
@@ -132,8 +147,8 @@ def train(run_dir: Path) -> Path:
         status.write(state="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     status.write(state="finished", finished_at=time.time())
     return final
 
@@ -144,11 +159,8 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C
-    raise KeyboardInterrupt
-
-
-def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile) -> Path:
+def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile, stop: StopFlag,
+           resume: bool) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -224,7 +236,22 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
                                    plan.total_steps * plan.num_processes, opt.lr_scheduler_num_cycles,
                                    opt.lr_scheduler_power, opt.learning_rate if relative_step else None)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    accelerator.register_for_checkpointing(network)  # its weights travel with the optimizer state
     params = [p for g in groups for p in g["params"]]
+    state_bytes = 4 * sum(p.numel() * p.element_size() for p in params)  # weights + optimizer moments + slack
+
+    # --- resume: weights, optimizer, schedule and RNG from the last complete state
+    global_step, start_epoch, skip = 0, 1, 0
+    if resume:
+        state = load_latest_state(accelerator, run_dir)
+        if state is None:
+            raise TrainingError(f"{run_dir} has no complete training state to resume from; start a new run "
+                                "(set output.save_state_every_n_steps to save states regularly)")
+        global_step, start_epoch, skip = state.global_step, state.epoch, state.batches_done
+        loader.rng.setstate(loader_rng_state(state))
+        _forget_after(run_dir, global_step)
+        log(f"resuming at step {global_step} (epoch {start_epoch}, {skip} batches done)")
+        progress.progress.update(progress.task, completed=global_step)
     if accelerator.is_main_process and logging_dir:
         accelerator.init_trackers(config.logging.log_prefix or "loracli")
 
@@ -237,7 +264,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
         learning_rate_recorded=None if relative_step else opt.learning_rate,
         network_args=network_args_metadata(config), config_hash=plan.config_hash,
     )
-    saved: dict[str, list[int]] = {"epoch": [], "step": []}
+    saved = _saved_so_far(run_dir, out.output_name)  # for pruning; non-empty when resuming
 
     def save(kind: str, number: int, step: int, epoch: int) -> None:
         if not accelerator.is_main_process:
@@ -263,13 +290,14 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     text_cache: dict[str, torch.Tensor] = {}
     metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if accelerator.is_main_process else None
-    global_step = 0
     progress.__enter__()
     try:
-        for epoch in range(1, plan.epochs + 1):
+        for epoch in range(start_epoch, plan.epochs + 1):
             epoch_batches = batches.epoch_batches(epoch)
             status.write(epoch=epoch)
             for i, indices in enumerate(epoch_batches):
+                if epoch == start_epoch and i < skip:
+                    continue  # consumed before the state was saved
                 # accelerate syncs every GA micro-batches and on the last batch of the epoch
                 sync = (i + 1) % ga == 0 or i == len(epoch_batches) - 1
                 batch = loader(indices, epoch, global_step)
@@ -325,6 +353,15 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
                 status.write(step=global_step)
                 if out.save_every_n_steps and global_step % out.save_every_n_steps == 0:
                     save("step", global_step, global_step, epoch - 1)  # sd-scripts records 0-based here
+                every = out.save_state_every_n_steps
+                if stop.requested or (every and global_step % every == 0):
+                    if metrics:
+                        metrics.flush()
+                    save_state(accelerator, run_dir, TrainState(global_step, epoch, i + 1, loader.rng.getstate()),
+                               out.save_last_n_states, state_bytes)
+                if stop.requested:
+                    raise Interrupted(f"interrupted at step {global_step}; the state is saved: "
+                                      f"loracli train --resume {run_dir}")
                 if global_step >= plan.total_steps:
                     break
             progress.epoch_done(epoch, plan.epochs, global_step, plan.total_steps)
@@ -343,6 +380,29 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile)
     final = run_dir / final_file_name(out.output_name)
     log(f"saved {final}")
     return final
+
+
+def _saved_so_far(run_dir: Path, output_name: str | None) -> dict[str, list[int]]:
+    """Epoch and step files already in the run folder (a resumed run prunes them too)."""
+    saved: dict[str, list[int]] = {"epoch": [], "step": []}
+    stem = output_name or ""
+    for path in run_dir.glob("*.safetensors"):
+        name = path.stem
+        for kind, marker in (("step", f"{stem or 'at'}-step"), ("epoch", f"{stem or 'epoch'}-")):
+            rest = name[len(marker):] if name.startswith(marker) else ""
+            if rest.isdigit():
+                saved[kind].append(int(rest))
+                break
+    return {k: sorted(v) for k, v in saved.items()}
+
+
+def _forget_after(run_dir: Path, step: int) -> None:
+    """A killed run may have logged steps after its last state: drop them, they will be redone."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [line for line in metrics.read_text().splitlines()
+                 if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(metrics, "".join(line + "\n" for line in lines))
 
 
 def _encode_text(sd, captions, max_token_length, clip_skip, device, cache):
@@ -388,4 +448,4 @@ def _cache_dir() -> Path:
 def main(argv: list[str] | None = None) -> None:
     """Entry point for `accelerate launch -m loracli.run.launch RUN_DIR`."""
     args = sys.argv[1:] if argv is None else argv
-    train(Path(args[0]))
+    train(Path(args[0]), resume="--resume" in args[1:])
