@@ -78,3 +78,7 @@ def write_run_files(run_dir: Path, resolved: ResolvedConfig, plan: Plan, argv: l
         "environment": environment(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
+    atomic_write_json(run_dir / "status.json", {
+        "state": "planned", "step": 0, "epoch": 0, "total_steps": plan.total_steps, "last_save": None,
+        "error": None, "started_at": None, "updated_at": time.time(),
+    })

@@ -143,6 +143,10 @@ def train(run_dir: Path, resume: bool = False) -> Path:
     except TrainingError as exc:
         status.write(state="failed", error=str(exc))
         raise
+    except torch.OutOfMemoryError:
+        message = out_of_memory_message(config)
+        status.write(state="failed", error=message)
+        raise TrainingError(message) from None
     except Exception as exc:
         status.write(state="failed", error=f"{type(exc).__name__}: {exc}")
         raise
@@ -151,6 +155,22 @@ def train(run_dir: Path, resume: bool = False) -> Path:
             signal.signal(sig, handler)
     status.write(state="finished", finished_at=time.time())
     return final
+
+
+def out_of_memory_message(config: LoracliConfig) -> str:
+    """What to change, in the order that saves the most memory for the least quality."""
+    tips = []
+    if config.training.train_batch_size > 1:
+        tips.append(f"lower training.train_batch_size (now {config.training.train_batch_size}; "
+                    "raise gradient_accumulation_steps to keep the effective batch)")
+    if not config.training.gradient_checkpointing:
+        tips.append("set training.gradient_checkpointing = true")
+    if not (config.dataset.cache_latents or config.dataset.cache_latents_to_disk):
+        tips.append("set dataset.cache_latents = true")
+    if config.training.mixed_precision == "no":
+        tips.append('set training.mixed_precision = "bf16" (or "fp16")')
+    tips.append(f"lower dataset.resolution (now {config.dataset.resolution}) or dataset.max_bucket_reso")
+    return "out of GPU memory (CUDA out of memory); " + "; ".join(tips)
 
 
 def _main_thread() -> bool:

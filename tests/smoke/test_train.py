@@ -196,3 +196,17 @@ def test_saves_and_pruning_match_the_plan(smoke_project):
     assert not list(run.glob(".*.tmp"))  # no temporary files left behind
     with safe_open(run / "smoke-000004.safetensors", "pt") as f:
         assert f.metadata()["ss_epoch"] == "4"
+
+
+def test_out_of_memory_gives_suggestions_not_a_traceback(smoke_project, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", out_of_memory)
+    result = run_cli("train", "--config", smoke_project)
+    assert result.exit_code == 4 and "Traceback" not in result.output
+    assert "out of GPU memory" in result.stderr and "gradient_checkpointing" in result.stderr
+    run = next((smoke_project.parent / "runs").iterdir())
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
