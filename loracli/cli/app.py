@@ -31,7 +31,11 @@ app = typer.Typer(
 )
 presets_app = typer.Typer(help="List, show and copy presets.", no_args_is_help=True, rich_markup_mode=None)
 config_app = typer.Typer(help="Validate and show configs.", no_args_is_help=True, rich_markup_mode=None)
+queue_app = typer.Typer(help="Run many configs one after another, unattended.", no_args_is_help=True,
+                        epilog="Examples:\n\n  loracli queue run jobs/*.toml\n\n  loracli queue status --json",
+                        rich_markup_mode=None)
 app.add_typer(presets_app, name="presets")
+app.add_typer(queue_app, name="queue")
 app.add_typer(config_app, name="config")
 
 
@@ -218,6 +222,43 @@ def init(
     from loracli.cli.config_cmd import write_starter
 
     write_starter(directory, force)
+
+
+QueueFileOpt = typer.Option(Path(".loracli-queue.json"), "--queue-file", help="Where the queue remembers its jobs.")
+
+
+@queue_app.command(
+    "run",
+    epilog="Examples:\n\n  loracli queue run jobs/*.toml\n\n"
+    "  loracli queue run jobs/*.toml --preset dadapt-v3 --retries 2 --webhook http://127.0.0.1:8000/hook\n\n"
+    "  loracli queue run a.toml b.toml --notify-command 'notify-send loracli'",
+)
+@guarded
+def queue_run(
+    configs: List[Path] = typer.Argument(..., help="Config files, one job each."),
+    preset: Optional[List[str]] = PresetOpt,
+    queue_file: Path = QueueFileOpt,
+    retries: int = typer.Option(1, "--retries", min=0, help="Retries of a job that ran out of GPU memory."),
+    notify_command: Optional[str] = typer.Option(None, "--notify-command",
+                                                 help="Run after each job (LORACLI_* variables describe it)."),
+    webhook: Optional[str] = typer.Option(None, "--webhook", help="POST each job's result as JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job results as JSON."),
+) -> None:
+    """Plan every job, then train them in turn; finished jobs are skipped, interrupted ones resumed."""
+    from loracli.cli.queue_cmd import queue_run as run
+
+    code = run(configs, preset or [], queue_file, retries, notify_command, webhook, as_json)
+    raise typer.Exit(code)
+
+
+@queue_app.command("status", epilog="Examples:\n\n  loracli queue status\n\n  loracli queue status --json")
+@guarded
+def queue_status(queue_file: Path = QueueFileOpt,
+                 as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """What the queue file says about each job."""
+    from loracli.cli.queue_cmd import queue_status as show
+
+    show(queue_file, as_json)
 
 
 def main() -> None:
