@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-SETS = ["training.max_train_epochs=6", "output.save_every_n_epochs=2", "output.save_state_every_n_steps=1",
+SETS = ["training.max_train_epochs=10", "output.save_every_n_epochs=2", "output.save_state_every_n_steps=1",
         "optimizer.lr_scheduler='cosine'"]
 
 
@@ -83,18 +83,20 @@ def test_sigkill_at_random_moments_then_resume(smoke_project, reference_run):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     total = json.loads((run / "plan.json").read_text())["total_steps"]
-    for delay in (0.05, 0.3, 0.0, 0.6, 0.15):
+    kills = 1
+    for delay in (0.05, 0.3, 0.0, 0.6, 0.15, 0.02, 0.45, 0.1, 0.25, 0.01):  # 10 more kills
+        before = len((run / "metrics.jsonl").read_text().splitlines())
+        if before >= total:
+            break
         proc = subprocess.Popen([sys.executable, "-m", "loracli", "train", "--resume", str(run)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        before = len((run / "metrics.jsonl").read_text().splitlines())
-        try:
-            wait_for_steps(run.parent, min(before + 1, total), proc, timeout=60)
-        except AssertionError:
-            break  # finished before we could kill it
+        wait_for_steps(run.parent, before + 1, proc, timeout=60)
+        kills += 1
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not [p for p in run.glob("*.safetensors") if p.stat().st_size < 100]  # never truncated
+    assert kills == 11, kills  # every kill landed before the run could finish
     final = subprocess.run([sys.executable, "-m", "loracli", "train", "--resume", str(run)],
                            capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
