@@ -24,6 +24,7 @@ from loracli.config.loader import read_toml
 from loracli.config.schema import LoracliConfig
 from loracli.errors import ConfigError, Interrupted, Problem, TrainingError
 from loracli.family import family_for
+from loracli.lint import trains_text_encoder
 from loracli.plan import Plan, load_plan
 from loracli.rundir import atomic_write_json, atomic_write_text
 from loracli.run.data import BucketBatches, ExampleLoader
@@ -215,8 +216,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     network = create_network(network_spec(config), sd.text_encoder, sd.unet)
     if net.network_weights is not None:
         load_network_weights(network, net.network_weights)
-    train_te = not net.network_train_unet_only and (opt.text_encoder_lr if opt.text_encoder_lr is not None
-                                                    else opt.learning_rate) != 0
+    train_te = trains_text_encoder(config)
     for module, dtype in ((sd.unet, weight_dtype), (sd.text_encoder, weight_dtype),
                           (sd.vae, torch.float32 if mixed_precision == "fp16" else weight_dtype)):
         module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
@@ -278,7 +278,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     # --- what every saved file carries
     started_at = time.time()
     base_meta = build_metadata(
-        config, plan, family, session_id=random.randint(0, 2**32), training_started_at=started_at,
+        # session_id from its own RNG, so the seeded stream (and a resumed run) is untouched
+        config, plan, family, session_id=random.Random().randint(0, 2**32), training_started_at=started_at,
         optimizer_name=optimizer_name,
         lr_scheduler_name=f"adafactor:{opt.learning_rate}" if relative_step else opt.lr_scheduler,
         learning_rate_recorded=None if relative_step else opt.learning_rate,
