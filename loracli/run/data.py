@@ -20,6 +20,7 @@ from PIL import Image
 
 from loracli.captions import CaptionOptions, process_caption
 from loracli.config.schema import DatasetSection
+from loracli.errors import DatasetError, Problem
 from loracli.plan import Plan, PlannedImage
 
 
@@ -48,10 +49,17 @@ def caption_options(ds: DatasetSection) -> CaptionOptions:
 
 def load_pixels(image: PlannedImage, random_crop: bool, rng: random.Random) -> np.ndarray:
     """Resize to the planned size, then crop the overflow (centre, or random with random_crop)."""
+    try:
+        return _load_pixels(image, random_crop, rng)
+    except (OSError, ValueError) as exc:  # the plan reads headers only: a broken body shows up here
+        raise DatasetError(Problem(image.path, f"cannot read the image ({exc})", "re-save or remove it")) from None
+
+
+def _load_pixels(image: PlannedImage, random_crop: bool, rng: random.Random) -> np.ndarray:
     with Image.open(image.path) as im:
         im = im.convert("RGB")
         if im.size != tuple(image.size):
-            raise FileNotFoundError(f"{image.path} changed since it was planned ({im.size} != {image.size})")
+            raise ValueError(f"its size changed since it was planned: {im.size} != {tuple(image.size)}")
         if tuple(image.resized) != im.size:
             grows = image.resized[0] > im.size[0] or image.resized[1] > im.size[1]
             # sd-scripts: area averaging when shrinking, Lanczos when enlarging.

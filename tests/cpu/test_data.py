@@ -80,3 +80,14 @@ def test_loader_processes_captions_and_marks_reg(plan_and_config):
     for caption, i in zip(batch.captions, [0, 1]):
         assert sorted(caption.split(", ")) == sorted(plan.images[i].caption.split(", "))
     assert not batch.is_reg.any()
+
+
+def test_truncated_image_is_a_dataset_error_naming_it(plan_and_config):
+    from loracli.errors import DatasetError
+
+    plan, _ = plan_and_config
+    image = plan.images[0]
+    data = open(image.path, "rb").read()
+    open(image.path, "wb").write(data[: len(data) // 2])  # header intact, pixels cut off
+    with pytest.raises(DatasetError, match=image.path.rsplit("/", 1)[-1]):
+        load_pixels(image, False, random.Random(0))
