@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from loracli.config.schema import LoracliConfig
 from loracli.family import ModelFamily
+from loracli.sample_prompts import read_prompt_file
 
 if TYPE_CHECKING:
     from loracli.dataset.scan import DatasetScan
@@ -139,6 +140,17 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
         out.append(Finding("error", "E12", "network.network_train_unet_only",
                            "network_train_unet_only and network_train_text_encoder_only are both true",
                            "set at most one of them"))
+    # E13 / W14: a sampling schedule needs prompts, and prompts need a schedule.
+    smp = config.sample
+    scheduled = smp.sample_every_n_steps or smp.sample_every_n_epochs or smp.sample_at_first
+    if scheduled and smp.sample_prompts is None:
+        out.append(Finding("error", "E13", "sample.sample_prompts",
+                           "sample images are scheduled but no prompt file is given",
+                           "set sample.sample_prompts to a .txt file with one prompt per line"))
+    if smp.sample_prompts is not None and not scheduled:
+        out.append(Finding("warning", "W14", "sample.sample_every_n_epochs",
+                           "sample.sample_prompts is set but no sample images are scheduled",
+                           "set sample_every_n_epochs, sample_every_n_steps or sample_at_first"))
 
     # W1: alpha above dim amplifies updates ("burns").
     if net.alpha > net.dim:
@@ -212,12 +224,7 @@ def estimate_clip_tokens(prompt: str) -> int:
 
 def read_sample_prompts(path: Path) -> list[str]:
     """Prompt lines of an sd-scripts prompt file, options (--n, --w, ...) removed."""
-    prompts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            prompts.append(re.split(r"\s--[a-z]\s", " " + line, maxsplit=1)[0].strip())
-    return prompts
+    return [p.prompt for p in read_prompt_file(path)]
 
 
 def lint_data(config: LoracliConfig, scan: DatasetScan, schedule: Schedule,
@@ -262,7 +269,13 @@ def lint_data(config: LoracliConfig, scan: DatasetScan, schedule: Schedule,
     # W11: sample prompts.
     prompts_path = config.sample.sample_prompts
     if prompts_path is not None and prompts_path.is_file():
-        prompts = read_sample_prompts(prompts_path)
+        parsed = read_prompt_file(prompts_path)
+        prompts = [p.prompt for p in parsed]
+        unknown = [(p.line, o) for p in parsed for o in p.unknown_options]
+        if unknown:
+            out.append(Finding("warning", "W11", "sample.sample_prompts",
+                               f"option {unknown[0][1]} (line {unknown[0][0]}) is not used; loracli reads "
+                               "--n --w --h --d --l --s", "remove it", "sd-scripts prompt files"))
         long = [p for p in prompts if estimate_clip_tokens(p) > 75]
         if long:
             out.append(Finding("warning", "W11", "sample.sample_prompts",

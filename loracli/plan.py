@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from loracli.dataset.scan import DatasetScan, scan_dataset
 from loracli.errors import ConfigError, DatasetError, Problem
 from loracli.family import ModelFamily, family_for
 from loracli.lint import Finding, lint_config, lint_data
+from loracli.sample_prompts import round_label
 from loracli.schedule import (
     Schedule,
     compute_schedule,
@@ -39,6 +40,7 @@ from loracli.schedule import (
     final_file_name,
     kept_after_pruning,
     resolve_warmup_steps,
+    sample_points,
     step_file_name,
     step_save_points,
 )
@@ -91,6 +93,8 @@ class Plan:
     warnings: list[dict[str, str]]
     errors: list[dict[str, str]]
     notes: list[str]
+    # When sample images are made: {"step", "epoch" (None for a step round), "label"} in order.
+    sample_rounds: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -244,7 +248,23 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         warnings=[f.to_dict() for f in findings if f.level == "warning"],
         errors=[],
         notes=notes,
+        sample_rounds=_sample_rounds(config, schedule),
     )
+
+
+def _sample_rounds(config: LoracliConfig, schedule: Schedule) -> list[dict[str, Any]]:
+    smp = config.sample
+    if smp.sample_prompts is None:
+        return []
+    points = sample_points(smp.sample_every_n_steps, smp.sample_every_n_epochs, schedule.total_steps,
+                           schedule.steps_per_epoch, schedule.epochs, smp.sample_at_first)
+    rounds: list[dict[str, Any]] = []
+    if points["at_first"]:
+        rounds.append({"step": 0, "epoch": 0, "label": round_label(0, 0)})
+    rounds += [{"step": s, "epoch": None, "label": round_label(s, None)} for s in points["steps"]]
+    rounds += [{"step": s, "epoch": e, "label": round_label(s, e)}
+               for e, s in zip(points["epochs"], points["epoch_end_steps"])]
+    return sorted(rounds, key=lambda r: r["step"])
 
 
 def load_plan(path: Path) -> Plan:

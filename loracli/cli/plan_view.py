@@ -51,6 +51,13 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
     console.print(f"batches per epoch: {plan.batches_per_epoch}  steps per epoch: {plan.steps_per_epoch}  "
                   f"epochs: {plan.epochs}  total steps: {plan.total_steps}  warmup steps: {plan.warmup_steps}")
     console.print(f"files: {', '.join(plan.expected_files)}")
+    if plan.sample_rounds:
+        from loracli.sample_prompts import round_title
+
+        titles = [round_title(r["label"]) + ("" if r["epoch"] is None else f" (step {r['step']})")
+                  for r in plan.sample_rounds]
+        shown = ", ".join(titles[:8]) + (f", ... ({len(titles)} in all)" if len(titles) > 8 else "")
+        console.print(f"sample images: {shown}", markup=False)
     for note in plan.notes:
         console.print(f"note: {note}", markup=False)
     for w in plan.warnings:

@@ -20,14 +20,6 @@ from loracli.plan import build_plan
 from loracli.rundir import create_run_dir, write_run_files
 
 
-def _refuse_unbuilt_features(resolved: ResolvedConfig) -> None:
-    """Options the plan understands but training does not carry out yet fail here, not silently."""
-    sample = resolved.config.sample
-    if sample.sample_prompts or sample.sample_every_n_steps or sample.sample_every_n_epochs or sample.sample_at_first:
-        raise ConfigError(Problem("sample", "sample images during training are not available yet",
-                                  "remove the [sample] settings to train (loracli plan still checks the prompts)"))
-
-
 def run_train(resolved: ResolvedConfig, strict: bool) -> None:
     if resolved.config.training.seed is None:
         # sd-scripts draws a random seed when none is given; record it so the run can be repeated.
@@ -38,7 +30,6 @@ def run_train(resolved: ResolvedConfig, strict: bool) -> None:
         resolved.config = config
         resolved.origins["training.seed"] = "drawn at random"
     plan = build_plan(resolved)
-    _refuse_unbuilt_features(resolved)
     print_plan(resolved, plan)
     check_strict(plan, strict)
     run_dir = create_run_dir(resolved.config)

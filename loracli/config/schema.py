@@ -206,12 +206,17 @@ class OutputSection(Section):
     no_metadata: bool = False
 
 
+Sampler = Literal["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                  "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"]
+
+
 class SampleSection(Section):
-    sample_prompts: Path | None = Field(None, description="A prompt file, one prompt per line.")
+    sample_prompts: Path | None = Field(
+        None, description="A .txt prompt file: one prompt per line, options --n --w --h --d --l --s.")
     sample_every_n_steps: int | None = Field(None, ge=1)
     sample_every_n_epochs: int | None = Field(None, ge=1)
     sample_at_first: bool = False
-    sample_sampler: str = "ddim"
+    sample_sampler: Sampler = Field("ddim", description="sd-scripts' sampler name (k_ names are aliases).")
 
 
 class LoggingSection(Section):

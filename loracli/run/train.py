@@ -46,9 +46,11 @@ from loracli.run.network import (
 )
 from loracli.run.optim import adafactor_uses_relative_step, build_optimizer, build_scheduler, current_lrs
 from loracli.run.progress import TrainingProgress
+from loracli.run.sampling import SampleMaker
 from loracli.run.saving import atomic_save_safetensors, cast_for_save
 from loracli.run.state import TrainState, load_latest_state, loader_rng_state, save_state
 from loracli.run.step import compute_target, diffusion_loss, encode_prompts, sample_noise, sample_timesteps
+from loracli.sample_prompts import read_prompt_file, round_label
 from loracli.schedule import epoch_file_name, final_file_name, kept_after_pruning, step_file_name
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -305,6 +307,35 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         if kind in saved:
             _prune(run_dir, kind, number, saved[kind], config)
 
+    # --- sample images at the plan's rounds (made by the main process; the others wait)
+    sample_rounds = {r["label"]: r for r in plan.sample_rounds}
+    resumed_at = global_step
+    sampler = None
+    if sample_rounds and accelerator.is_main_process:
+        sampler = SampleMaker(sd, read_prompt_file(config.sample.sample_prompts), config.sample.sample_sampler,
+                              config.model.v_parameterization, ds.max_token_length, config.model.clip_skip, tr.seed,
+                              out.output_name, run_dir / "samples", log)
+
+    def sample(step: int, epoch: int | None) -> None:
+        label = round_label(step, epoch)
+        # A resumed run redoes an epoch-end round at its own step (it may have been cut short).
+        if label not in sample_rounds or step < resumed_at or (step == resumed_at and epoch is None):
+            return
+        if sampler is not None:
+            started = time.time()
+            made = sampler.make_round(label, device, accelerator.autocast, [sd.unet, sd.text_encoder, network])
+            grid = sampler.update_grid([lb for lb in sample_rounds if sample_rounds[lb]["step"] <= step],
+                                       f"{out.output_name or run_dir.name}: samples by round ({config.sample.sample_sampler})")
+            if logging_dir:
+                import numpy as np
+
+                writer = accelerator.get_tracker("tensorboard", unwrap=True)
+                for prompt, _, image in made:
+                    writer.add_image(f"samples/{prompt.index:02d}", np.asarray(image), step, dataformats="HWC")
+            status.write(last_sample=label)
+            log(f"sample images ({label}): {len(made)} in {time.time() - started:.1f}s, grid {grid.name}")
+        accelerator.wait_for_everyone()
+
     # --- the loop
     ga = tr.gradient_accumulation_steps
     noise_scheduler = sd.noise_scheduler
@@ -313,6 +344,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if accelerator.is_main_process else None
     progress.__enter__()
     try:
+        sample(0, 0)  # sample_at_first
         for epoch in range(start_epoch, plan.epochs + 1):
             epoch_batches = batches.epoch_batches(epoch)
             status.write(epoch=epoch)
@@ -372,6 +404,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                     accelerator.log({"loss/current": loss_value, **{f"lr/{k}": v for k, v in lrs.items()}},
                                     step=global_step)
                 status.write(step=global_step)
+                sample(global_step, None)
                 if out.save_every_n_steps and global_step % out.save_every_n_steps == 0:
                     save("step", global_step, global_step, epoch - 1)  # sd-scripts records 0-based here
                 every = out.save_state_every_n_steps
@@ -386,6 +419,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                 if global_step >= plan.total_steps:
                     break
             progress.epoch_done(epoch, plan.epochs, global_step, plan.total_steps)
+            sample(global_step, epoch)
             if out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0 and epoch < plan.epochs:
                 save("epoch", epoch, global_step, epoch)
             if global_step >= plan.total_steps:

@@ -22,6 +22,7 @@ class Case:
     names: list[str] = field(default_factory=list)  # strings the error must contain
     setup: str = ""  # a dataset tweak, see prepare()
     command: str = "plan"
+    files: dict[str, str] = field(default_factory=dict)  # extra text files beside the config
 
 
 def replace(old: str, new: str) -> str:
@@ -89,14 +90,20 @@ CASES = [
          "network_train_text_encoder_only = true\n", names=["network.network_train_unet_only"]),
     Case("--set without a value", GOOD, ["--set", "training.seed"], names=["--set training.seed"]),
     Case("--set unknown key", GOOD, ["--set", "training.sed=1"], names=["training.sed", "did you mean training.seed"]),
-    Case("train with sampling (not built yet)", GOOD + "[sample]\nsample_every_n_epochs = 1\n", command="train",
-         names=["sample", "not available yet"]),
+    Case("sampling scheduled without prompts", GOOD + "[sample]\nsample_every_n_epochs = 1\n", command="train",
+         names=["sample.sample_prompts", "E13", "no prompt file"]),
+    Case("bad value in a prompt file", GOOD + "[sample]\nsample_prompts = 'p.txt'\nsample_at_first = true\n",
+         files={"p.txt": "a cat --w wide\n"}, exit_code=3, names=["sample.sample_prompts", "line 1", "--w"]),
+    Case("unknown sampler", GOOD + "[sample]\nsample_sampler = 'euler_ancestral'\n",
+         names=["sample.sample_sampler"]),
     Case("train with a bad config", GOOD + "[optimizer]\nlr_scheduler = 'adafactor'\n", command="train",
          names=["optimizer.lr_scheduler"]),
 ]
 
 
 def prepare(tmp_path: Path, case: Case, make_image) -> None:
+    for name, text in case.files.items():
+        (tmp_path / name).write_text(text)
     data = tmp_path / "data"
     if case.setup != "no-data":
         data.mkdir()

@@ -1,0 +1,143 @@
+"""Sample images during training, sd-scripts style, and the grid that shows them side by side.
+
+The plan says when (plan.sample_rounds); this module makes the pictures: a
+diffusers StableDiffusionPipeline over the training models (the network's
+hooks are live, so the images show the LoRA as trained so far), with
+sd-scripts' sampler names mapped to diffusers schedulers. Prompts are encoded
+by the same function as training captions (clip_skip, max_token_length).
+Sampling draws from its own generators: the training random stream, and so a
+resumed run, is unaffected.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from loracli.imagegrid import labelled_grid, save_png_atomic
+from loracli.sample_prompts import SamplePrompt, image_stem, round_title
+from loracli.run.step import CLIP_BODY, encode_prompts
+
+# sd-scripts' --sample_sampler names → diffusers scheduler class and options (k_* are aliases).
+SAMPLERS: dict[str, tuple[str, dict[str, object]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+}
+SAMPLERS.update({f"k_{name}": SAMPLERS[name] for name in ("lms", "euler", "euler_a", "dpm_2", "dpm_2_a")})
+
+
+def make_scheduler(sampler: str, base_scheduler_config, v_parameterization: bool):
+    """The inference scheduler for a sampler name, on the base model's noise schedule."""
+    import diffusers
+
+    class_name, options = SAMPLERS[sampler]
+    prediction = "v_prediction" if v_parameterization else "epsilon"
+    return getattr(diffusers, class_name).from_config(base_scheduler_config, prediction_type=prediction, **options)
+
+
+def prompt_seed(prompt: SamplePrompt, base_seed: int) -> int:
+    """--d when given; otherwise a fixed seed per prompt, so rounds are comparable picture to picture
+    (sd-scripts draws a fresh random seed for each image instead)."""
+    return prompt.seed if prompt.seed is not None else base_seed + prompt.index
+
+
+@contextmanager
+def inference_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """eval() for the round (no dropout, no checkpointing), then each module's own mode back."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def latents_to_images(vae, latents: torch.Tensor, scaling_factor: float) -> list[Image.Image]:
+    """Decode on the VAE's own device and dtype (it may sit on the CPU after latent caching)."""
+    param = next(vae.parameters())
+    decoded = vae.decode(latents.to(param.device, param.dtype) / scaling_factor).sample
+    pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+
+class SampleMaker:
+    """Makes one round of sample images (one per prompt) and refreshes samples/grid.png."""
+
+    def __init__(self, sd, prompts: list[SamplePrompt], sampler: str, v_parameterization: bool,
+                 max_token_length: int | None, clip_skip: int | None, base_seed: int, output_name: str | None,
+                 folder: Path, log: Callable[[str], None]):
+        from diffusers import StableDiffusionPipeline
+
+        self.sd, self.prompts, self.sampler = sd, prompts, sampler
+        self.max_token_length, self.clip_skip, self.base_seed = max_token_length, clip_skip, base_seed
+        self.output_name, self.folder = output_name, folder
+        self.pipe = StableDiffusionPipeline(
+            vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+            scheduler=make_scheduler(sampler, sd.noise_scheduler.config, v_parameterization),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self._warn_long(log)
+
+    def _warn_long(self, log: Callable[[str], None]) -> None:
+        limit = self.max_token_length or CLIP_BODY
+        for p in self.prompts:
+            for kind, text in (("prompt", p.prompt), ("negative prompt", p.negative_prompt)):
+                count = len(self.sd.tokenizer(text, truncation=False, add_special_tokens=False).input_ids)
+                if count > limit:
+                    log(f"warning: sample {kind} {p.index} (line {p.line}) has {count} tokens; the text encoder "
+                        f"sees the first {limit} (set dataset.max_token_length to 150 or 225 for longer prompts)")
+
+    def image_path(self, label: str, prompt: SamplePrompt) -> Path:
+        return self.folder / f"{image_stem(self.output_name, label, prompt)}.png"
+
+    def make_round(self, label: str, device: torch.device, autocast, modules: list[torch.nn.Module]
+                   ) -> list[tuple[SamplePrompt, Path, Image.Image]]:
+        sd = self.sd
+        made = []
+        with inference_mode(*modules), autocast():
+            for p in self.prompts:
+                embeds = encode_prompts(sd.tokenizer, sd.text_encoder, [p.prompt, p.negative_prompt],
+                                        self.max_token_length, self.clip_skip, device)
+                embeds = embeds.to(sd.unet.dtype)
+                generator = torch.Generator("cpu").manual_seed(prompt_seed(p, self.base_seed))
+                latents = self.pipe(
+                    prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], width=p.width, height=p.height,
+                    num_inference_steps=p.steps, guidance_scale=p.scale, generator=generator, output_type="latent",
+                ).images
+                image = latents_to_images(sd.vae, latents, sd.family.latent_scaling_factor)[0]
+                path = self.image_path(label, p)
+                save_png_atomic(image, path)
+                made.append((p, path, image))
+        return made
+
+    def update_grid(self, labels: list[str], title: str) -> Path:
+        """samples/grid.png: one row per round made so far, one column per prompt."""
+        rows, row_labels = [], []
+        for label in labels:
+            paths = [self.image_path(label, p) for p in self.prompts]
+            if not any(path.is_file() for path in paths):
+                continue
+            rows.append([Image.open(path).convert("RGB") if path.is_file() else None for path in paths])
+            row_labels.append(round_title(label))
+        columns = [f"{p.index:02d}: {p.prompt}" for p in self.prompts]
+        grid = labelled_grid(rows, row_labels, columns, title=title)
+        path = self.folder / "grid.png"
+        save_png_atomic(grid, path)
+        return path
