@@ -40,6 +40,8 @@ class Job:
     seconds: float = 0.0
     output: str | None = None
     error: str | None = None
+    backend: str = "loracli"  # or "sd-scripts" (then sd_scripts_dir is the checkout)
+    sd_scripts_dir: str | None = None
 
     @property
     def key(self) -> str:
@@ -66,11 +68,13 @@ def _run_status(run_dir: str | None) -> dict:
     return json.loads(path.read_text()) if run_dir and path.is_file() else {}
 
 
-def plan_jobs(configs: list[Path], presets: list[str], log) -> list[Job]:
+def plan_jobs(configs: list[Path], presets: list[str], log, backend: str = "loracli",
+              sd_scripts_dir: Path | None = None) -> list[Job]:
     """Validate and plan every job now; invalid ones are marked and will not run."""
     jobs = []
+    checkout = str(sd_scripts_dir.absolute()) if sd_scripts_dir else None
     for config in configs:
-        job = Job(str(config.resolve()), list(presets))
+        job = Job(str(config.resolve()), list(presets), backend=backend, sd_scripts_dir=checkout)
         try:
             job.total_steps = build_plan(resolve_config(config, presets, [])).total_steps
         except LoracliError as exc:
@@ -83,7 +87,11 @@ def plan_jobs(configs: list[Path], presets: list[str], log) -> list[Job]:
 def _train_command(job: Job, resume: bool) -> list[str]:
     base = [sys.executable, "-m", "loracli", "train"]
     if resume:
-        return base + ["--resume", str(job.run_dir)]
+        return base + ["--resume", str(job.run_dir), "--backend", "loracli"]
+    if job.backend == "sd-scripts":  # sd-scripts runs cannot resume: an interrupted one starts again
+        base += ["--backend", "sd-scripts", "--sd-scripts-dir", str(job.sd_scripts_dir)]
+    else:
+        base += ["--backend", "loracli"]
     return base + ["--config", job.config] + [a for p in job.presets for a in ("--preset", p)]
 
 
@@ -125,9 +133,14 @@ def _eta(jobs: list[Job], done_steps: int, seconds: float) -> str:
 
 
 def run_queue(configs: list[Path], presets: list[str], queue_file: Path, retries: int,
-              notify_command: str | None, webhook: str | None, log) -> list[Job]:
+              notify_command: str | None, webhook: str | None, log, backend: str = "loracli",
+              sd_scripts_dir: Path | None = None) -> list[Job]:
+    if backend == "sd-scripts":
+        from loracli.sdscripts.backend import find_checkout
+
+        sd_scripts_dir = find_checkout(sd_scripts_dir)  # once, before any job: a bad path fails every job
     state = QueueFile.load(queue_file)
-    jobs = plan_jobs(configs, presets, log)
+    jobs = plan_jobs(configs, presets, log, backend, sd_scripts_dir)
     measured_steps, measured_seconds = 0, 0.0
     for index, job in enumerate(jobs, 1):
         if job.status == "invalid":

@@ -114,7 +114,8 @@ def plan(
 @app.command(
     epilog="Examples:\n\n  loracli train --preset dadapt-v3 --config examples/tiny/loracli.toml\n\n"
     "  loracli train --config my.toml --set training.max_train_epochs=20 --output-dir runs\n\n"
-    "  loracli train --resume runs/my-lora-20261122-153000",
+    "  loracli train --resume runs/my-lora-20261122-153000\n\n"
+    "  loracli train --config my.toml --backend sd-scripts --sd-scripts-dir ~/sd-scripts",
 )
 @guarded
 def train(
@@ -126,10 +127,26 @@ def train(
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue an interrupted run from its last saved state (a run folder)."
     ),
+    backend: str = typer.Option("loracli", "--backend", envvar="LORACLI_BACKEND",
+                                help="Who trains: loracli, or sd-scripts (your checkout's train_network.py)."),
+    sd_scripts_dir: Optional[Path] = typer.Option(
+        None, "--sd-scripts-dir", envvar="LORACLI_SD_SCRIPTS_DIR", show_default=False,
+        help="The sd-scripts checkout for --backend sd-scripts."),
 ) -> None:
     """Validate, plan, write a run folder, then train."""
     from loracli.cli.train_cmd import resume_train, run_train
 
+    if backend not in ("loracli", "sd-scripts"):
+        raise ConfigError(Problem(f"--backend {backend}", "unknown backend", "use loracli or sd-scripts"))
+    if backend == "sd-scripts":
+        if resume is not None:
+            raise ConfigError(Problem("--resume", "the sd-scripts backend cannot resume a run",
+                                      "start it again, or use --backend loracli"))
+        from loracli.sdscripts.backend import run_train_sd_scripts
+
+        extra = [f"output.output_dir={json.dumps(str(output_dir.absolute()))}"] if output_dir is not None else []
+        run_train_sd_scripts(_resolve(config, preset, list(set_ or []) + extra), strict, sd_scripts_dir)
+        return
     if resume is not None:
         if config or preset or set_ or output_dir:
             raise ConfigError(Problem("--resume", "a resumed run keeps its own config",
@@ -231,7 +248,8 @@ QueueFileOpt = typer.Option(Path(".loracli-queue.json"), "--queue-file", help="W
     "run",
     epilog="Examples:\n\n  loracli queue run jobs/*.toml\n\n"
     "  loracli queue run jobs/*.toml --preset dadapt-v3 --retries 2 --webhook http://127.0.0.1:8000/hook\n\n"
-    "  loracli queue run a.toml b.toml --notify-command 'notify-send loracli'",
+    "  loracli queue run a.toml b.toml --notify-command 'notify-send loracli'\n\n"
+    "  loracli queue run jobs/*.toml --backend sd-scripts --sd-scripts-dir ~/sd-scripts",
 )
 @guarded
 def queue_run(
@@ -243,11 +261,16 @@ def queue_run(
                                                  help="Run after each job (LORACLI_* variables describe it)."),
     webhook: Optional[str] = typer.Option(None, "--webhook", help="POST each job's result as JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the job results as JSON."),
+    backend: Optional[str] = typer.Option(None, "--backend",
+                                          help="loracli or sd-scripts (default: LORACLI_BACKEND or loracli)."),
+    sd_scripts_dir: Optional[Path] = typer.Option(None, "--sd-scripts-dir", envvar="LORACLI_SD_SCRIPTS_DIR",
+                                                  help="The sd-scripts checkout for --backend sd-scripts."),
 ) -> None:
     """Plan every job, then train them in turn; finished jobs are skipped, interrupted ones resumed."""
     from loracli.cli.queue_cmd import queue_run as run
 
-    code = run(configs, preset or [], queue_file, retries, notify_command, webhook, as_json)
+    code = run(configs, preset or [], queue_file, retries, notify_command, webhook, as_json,
+               backend=backend, sd_scripts_dir=sd_scripts_dir)
     raise typer.Exit(code)
 
 
@@ -259,6 +282,17 @@ def queue_status(queue_file: Path = QueueFileOpt,
     from loracli.cli.queue_cmd import queue_status as show
 
     show(queue_file, as_json)
+
+
+from loracli.cli.export_cmd import register as _register_export  # noqa: E402
+_register_export(app)
+from loracli.cli.report_cmd import register as _register_report  # noqa: E402
+_register_report(app)
+
+from loracli.cli.grid_cmd import register as _register_grid  # noqa: E402
+_register_grid(app)
+from loracli.cli.import_cmd import register as _register_import  # noqa: E402
+_register_import(app)
 
 
 def main() -> None:

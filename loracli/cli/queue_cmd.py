@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from loracli.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING
+from loracli.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING, ConfigError, Problem
 from loracli.queue import Job, QueueFile, run_queue
 
 
@@ -40,10 +41,17 @@ def print_summary(jobs: list[Job], console: Console) -> None:
 
 
 def queue_run(configs: list[Path], presets: list[str], queue_file: Path, retries: int,
-              notify_command: str | None, webhook: str | None, as_json: bool) -> int:
+              notify_command: str | None, webhook: str | None, as_json: bool, backend: str | None = None,
+              sd_scripts_dir: Path | None = None) -> int:
+    """backend/sd_scripts_dir default to LORACLI_BACKEND / LORACLI_SD_SCRIPTS_DIR (as `loracli train`)."""
+    backend = backend or os.environ.get("LORACLI_BACKEND") or "loracli"
+    if sd_scripts_dir is None and os.environ.get("LORACLI_SD_SCRIPTS_DIR"):
+        sd_scripts_dir = Path(os.environ["LORACLI_SD_SCRIPTS_DIR"])
+    if backend not in ("loracli", "sd-scripts"):
+        raise ConfigError(Problem(f"--backend {backend}", "unknown backend", "use loracli or sd-scripts"))
     console = Console(stderr=as_json, highlight=False, width=max(Console().width, 120))
     log = lambda line: console.print(line, markup=False)  # noqa: E731
-    jobs = run_queue(configs, presets, queue_file, retries, notify_command, webhook, log)
+    jobs = run_queue(configs, presets, queue_file, retries, notify_command, webhook, log, backend, sd_scripts_dir)
     if as_json:
         print(json.dumps([asdict(j) for j in jobs], indent=2))
     else:

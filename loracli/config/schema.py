@@ -36,7 +36,11 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     pretrained_model_name_or_path: str = Field(
-        description='A diffusers model folder, or "tiny:sd15" (built-in tiny random model for smoke tests).'
+        description='A diffusers model folder, a single-file SD1.x/2.x .safetensors checkpoint, or "tiny:sd15" '
+        '(built-in tiny random model for smoke tests).'
+    )
+    allow_pickle_checkpoint: bool = Field(
+        False, description="Also load .ckpt/.pt single files: they are pickles that can run code; only trusted files."
     )
     v2: bool = Field(False, description="The base model is SD 2.x.")
     v_parameterization: bool = Field(False, description="Train with v-prediction targets (SD 2.x 768-v).")

@@ -1,4 +1,5 @@
-"""Load an SD1.x/SD2.x model offline: a diffusers folder, or a built-in tiny model.
+"""Load an SD1.x/SD2.x model offline: a diffusers folder, a single-file checkpoint
+(loracli.run.checkpoint), or a built-in tiny model.
 
 No hub access is ever attempted (HF_HUB_OFFLINE and local_files_only). All base
 weights are frozen; only the network trains.
@@ -36,10 +37,9 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
         return ensure_tiny_model(name_or_path)
     path = Path(name_or_path).expanduser()
-    if path.is_file():
-        raise ConfigError(Problem(f"{KEY}: {path}", "single-file checkpoints are not supported yet",
-                                  "convert it to a diffusers folder (diffusers' convert_original_stable_diffusion_"
-                                  "to_diffusers.py) and point to that folder"))
+    if path.is_file():  # load_sd_components reads these; a folder is needed here
+        raise ConfigError(Problem(f"{KEY}: {path}", "is a single file, not a diffusers folder",
+                                  "load it with load_sd_components"))
     if not path.is_dir():
         raise DatasetError(Problem(f"{KEY}: {path}", "model folder not found",
                                    "give a local diffusers folder (loracli never downloads) or tiny:sd15"))
@@ -53,7 +53,10 @@ def resolve_model_dir(name_or_path: str) -> Path:
     return path
 
 
-def load_sd_components(name_or_path: str, v2: bool = False) -> SDComponents:
+def load_sd_components(name_or_path: str, v2: bool = False, *, v_parameterization: bool = False,
+                       allow_pickle: bool = False) -> SDComponents:
+    """The frozen components; `v_parameterization` sets the noise scheduler's prediction_type,
+    `allow_pickle` (model.allow_pickle_checkpoint) admits .ckpt files."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers/transformers read it
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
@@ -63,6 +66,15 @@ def load_sd_components(name_or_path: str, v2: bool = False) -> SDComponents:
     for lib in (diffusers_logging, transformers_logging):  # keep the terminal for our progress bar
         lib.set_verbosity_error()
         lib.disable_progress_bar()
+
+    prediction_type = "v_prediction" if v_parameterization else "epsilon"
+    single = Path(name_or_path).expanduser()
+    if not name_or_path.startswith("tiny:") and single.is_file():
+        from loracli.run.checkpoint import load_single_file
+
+        loaded = load_single_file(single, v2=v2, v_parameterization=v_parameterization, allow_pickle=allow_pickle)
+        return _frozen(SDComponents(loaded.tokenizer, loaded.text_encoder, loaded.vae, loaded.unet,
+                                    loaded.noise_scheduler, family_for(v2), name_or_path))
 
     folder = resolve_model_dir(name_or_path)
     index = json.loads((folder / "model_index.json").read_text())
@@ -75,11 +87,16 @@ def load_sd_components(name_or_path: str, v2: bool = False) -> SDComponents:
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
         # sd-scripts trains with DDPM whatever sampler the model ships with.
-        noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True,
+                                                        prediction_type=prediction_type)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatasetError(Problem(f"{KEY}: {folder}", f"could not load the model: {first}")) from None
-    for module in (text_encoder, vae, unet):
+    return _frozen(SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, family_for(v2), name_or_path))
+
+
+def _frozen(sd: SDComponents) -> SDComponents:
+    for module in (sd.text_encoder, sd.vae, sd.unet):
         module.requires_grad_(False)
         module.eval()
-    return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, family_for(v2), name_or_path)
+    return sd

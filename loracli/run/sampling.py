@@ -11,16 +11,16 @@ resumed run, is unaffected.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 
 from loracli.imagegrid import labelled_grid, save_png_atomic
-from loracli.sample_prompts import SamplePrompt, image_stem, round_title
 from loracli.run.step import CLIP_BODY, encode_prompts
+from loracli.sample_prompts import SamplePrompt, image_stem, round_title
 
 # sd-scripts' --sample_sampler names → diffusers scheduler class and options (k_* are aliases).
 SAMPLERS: dict[str, tuple[str, dict[str, object]]] = {
@@ -68,6 +68,17 @@ def inference_mode(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
+def warn_long_prompts(tokenizer, prompts: list[SamplePrompt], max_token_length: int | None,
+                      log: Callable[[str], None]) -> None:
+    limit = max_token_length or CLIP_BODY
+    for p in prompts:
+        for kind, text in (("prompt", p.prompt), ("negative prompt", p.negative_prompt)):
+            count = len(tokenizer(text, truncation=False, add_special_tokens=False).input_ids)
+            if count > limit:
+                log(f"warning: sample {kind} {p.index} (line {p.line}) has {count} tokens; the text encoder "
+                    f"sees the first {limit} (set dataset.max_token_length to 150 or 225 for longer prompts)")
+
+
 def latents_to_images(vae, latents: torch.Tensor, scaling_factor: float) -> list[Image.Image]:
     """Decode on the VAE's own device and dtype (it may sit on the CPU after latent caching)."""
     param = next(vae.parameters())
@@ -76,52 +87,54 @@ def latents_to_images(vae, latents: torch.Tensor, scaling_factor: float) -> list
     return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
 
 
+def build_pipeline(sd, sampler: str, v_parameterization: bool):
+    """A StableDiffusionPipeline over the loaded models (no copies; no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+        scheduler=make_scheduler(sampler, sd.noise_scheduler.config, v_parameterization),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, sd, prompt: SamplePrompt, seed: int, device: torch.device, max_token_length: int | None,
+             clip_skip: int | None) -> Image.Image:
+    """One image; call inside no_grad (inference_mode) and the training autocast."""
+    embeds = encode_prompts(sd.tokenizer, sd.text_encoder, [prompt.prompt, prompt.negative_prompt],
+                            max_token_length, clip_skip, device).to(sd.unet.dtype)
+    generator = torch.Generator("cpu").manual_seed(seed)  # the same picture on any device
+    latents = pipe(
+        prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], width=prompt.width, height=prompt.height,
+        num_inference_steps=prompt.steps, guidance_scale=prompt.scale, generator=generator, output_type="latent",
+    ).images
+    return latents_to_images(sd.vae, latents, sd.family.latent_scaling_factor)[0]
+
+
 class SampleMaker:
     """Makes one round of sample images (one per prompt) and refreshes samples/grid.png."""
 
     def __init__(self, sd, prompts: list[SamplePrompt], sampler: str, v_parameterization: bool,
                  max_token_length: int | None, clip_skip: int | None, base_seed: int, output_name: str | None,
                  folder: Path, log: Callable[[str], None]):
-        from diffusers import StableDiffusionPipeline
-
         self.sd, self.prompts, self.sampler = sd, prompts, sampler
         self.max_token_length, self.clip_skip, self.base_seed = max_token_length, clip_skip, base_seed
         self.output_name, self.folder = output_name, folder
-        self.pipe = StableDiffusionPipeline(
-            vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-            scheduler=make_scheduler(sampler, sd.noise_scheduler.config, v_parameterization),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        self.pipe.set_progress_bar_config(disable=True)
-        self._warn_long(log)
-
-    def _warn_long(self, log: Callable[[str], None]) -> None:
-        limit = self.max_token_length or CLIP_BODY
-        for p in self.prompts:
-            for kind, text in (("prompt", p.prompt), ("negative prompt", p.negative_prompt)):
-                count = len(self.sd.tokenizer(text, truncation=False, add_special_tokens=False).input_ids)
-                if count > limit:
-                    log(f"warning: sample {kind} {p.index} (line {p.line}) has {count} tokens; the text encoder "
-                        f"sees the first {limit} (set dataset.max_token_length to 150 or 225 for longer prompts)")
+        self.pipe = build_pipeline(sd, sampler, v_parameterization)
+        warn_long_prompts(sd.tokenizer, prompts, max_token_length, log)
 
     def image_path(self, label: str, prompt: SamplePrompt) -> Path:
         return self.folder / f"{image_stem(self.output_name, label, prompt)}.png"
 
     def make_round(self, label: str, device: torch.device, autocast, modules: list[torch.nn.Module]
                    ) -> list[tuple[SamplePrompt, Path, Image.Image]]:
-        sd = self.sd
         made = []
         with inference_mode(*modules), autocast():
             for p in self.prompts:
-                embeds = encode_prompts(sd.tokenizer, sd.text_encoder, [p.prompt, p.negative_prompt],
-                                        self.max_token_length, self.clip_skip, device)
-                embeds = embeds.to(sd.unet.dtype)
-                generator = torch.Generator("cpu").manual_seed(prompt_seed(p, self.base_seed))
-                latents = self.pipe(
-                    prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], width=p.width, height=p.height,
-                    num_inference_steps=p.steps, guidance_scale=p.scale, generator=generator, output_type="latent",
-                ).images
-                image = latents_to_images(sd.vae, latents, sd.family.latent_scaling_factor)[0]
+                image = generate(self.pipe, self.sd, p, prompt_seed(p, self.base_seed), device,
+                                 self.max_token_length, self.clip_skip)
                 path = self.image_path(label, p)
                 save_png_atomic(image, path)
                 made.append((p, path, image))

@@ -26,7 +26,6 @@ from loracli.errors import ConfigError, Interrupted, Problem, TrainingError
 from loracli.family import family_for
 from loracli.lint import trains_text_encoder
 from loracli.plan import Plan, load_plan
-from loracli.rundir import atomic_write_json, atomic_write_text
 from loracli.run.data import BucketBatches, ExampleLoader
 from loracli.run.latents import LatentCache, encode
 from loracli.run.metadata import (
@@ -50,6 +49,7 @@ from loracli.run.sampling import SampleMaker
 from loracli.run.saving import atomic_save_safetensors, cast_for_save
 from loracli.run.state import TrainState, load_latest_state, loader_rng_state, save_state
 from loracli.run.step import compute_target, diffusion_loss, encode_prompts, sample_noise, sample_timesteps
+from loracli.rundir import atomic_write_json, atomic_write_text
 from loracli.sample_prompts import read_prompt_file, round_label
 from loracli.schedule import epoch_file_name, final_file_name, kept_after_pruning, step_file_name
 

@@ -1,0 +1,239 @@
+"""`loracli train --backend sd-scripts`: loracli plans and records the run, sd-scripts trains it.
+
+The run folder is made as for loracli's own trainer (config.resolved.toml,
+plan.json, run.json, status.json); the export goes to `RUN/sd-scripts/` and
+sd-scripts writes its LoRA files into the run folder itself. The checkout's
+Python runs `-m accelerate.commands.launch ... train_network.py` with the
+checkout as working directory; its output is streamed to the terminal and to
+`RUN/sd-scripts.log`, scanned for the cases sd-scripts does not signal with its
+exit status ("No data found" exits 0) and for progress, which status.json records.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from loracli.config.loader import ResolvedConfig
+from loracli.errors import ConfigError, DatasetError, Interrupted, Problem, TrainingError
+from loracli.plan import Plan, build_plan
+from loracli.rundir import atomic_write_json, create_run_dir, write_run_files
+from loracli.sdscripts.export import (
+    TRAIN_SCRIPT,
+    accelerate_options,
+    build_export,
+    report_lines,
+    script_args,
+    write_export,
+)
+
+EXPORT_DIR = "sd-scripts"
+LOG_FILE = "sd-scripts.log"
+NO_DATA_MARKER = "No data found"
+OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError")
+OOM_MESSAGE = "out of GPU memory"  # what the queue looks for before retrying a job
+# tqdm's bar from train_network.py ("steps:  50%|#####     | 14/28 [...]") and its epoch log line.
+STEP_RE = re.compile(r"steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+EPOCH_RE = re.compile(r"\bepoch (\d+)/(\d+)")
+
+
+def find_checkout(sd_scripts_dir: Path | None) -> Path:
+    if sd_scripts_dir is None:
+        raise ConfigError(Problem("--sd-scripts-dir", "the sd-scripts backend needs your sd-scripts checkout",
+                                  "pass --sd-scripts-dir PATH or set LORACLI_SD_SCRIPTS_DIR"))
+    checkout = sd_scripts_dir.expanduser().absolute()
+    if not (checkout / TRAIN_SCRIPT).is_file():
+        raise ConfigError(Problem(f"--sd-scripts-dir {sd_scripts_dir}", f"no {TRAIN_SCRIPT} in this folder",
+                                  "give the root of a kohya-ss/sd-scripts checkout"))
+    return checkout
+
+
+def checkout_python(checkout: Path) -> str:
+    """The checkout's own environment when it has one (venv or .venv), else this interpreter."""
+    for venv in ("venv", ".venv"):
+        for rel in ("bin/python", "Scripts/python.exe"):
+            candidate = checkout / venv / rel
+            if candidate.is_file():
+                return str(candidate)
+    return sys.executable
+
+
+def launch_command(python: str, num_processes: int, export_dir: Path) -> list[str]:
+    return [python, "-m", "accelerate.commands.launch", *accelerate_options(num_processes), *script_args(export_dir)]
+
+
+class RunStatus:
+    """status.json with the fields of loracli's own trainer (state, step, epoch, last_save, error, ...)."""
+
+    def __init__(self, run_dir: Path, total_steps: int):
+        self.path = run_dir / "status.json"
+        self.data = {"state": "running", "step": 0, "epoch": 0, "total_steps": total_steps, "last_save": None,
+                     "error": None, "started_at": time.time(), "updated_at": time.time(), "pid": os.getpid(),
+                     "backend": "sd-scripts"}
+        self._written = 0.0
+        self.write()
+
+    def write(self, **changes) -> None:
+        self.data.update(changes, updated_at=time.time())
+        atomic_write_json(self.path, self.data)
+        self._written = time.monotonic()
+
+    def progress(self, **changes) -> None:
+        """Progress lines come many times a second; the file is rewritten at most once a second."""
+        self.data.update(changes)
+        if time.monotonic() - self._written >= 1.0:
+            self.write()
+
+
+class OutputWatch:
+    """Splits the child's output into lines (tqdm uses \\r) and remembers what loracli must act on."""
+
+    def __init__(self, status: RunStatus):
+        self.status = status
+        self.no_data = False
+        self.out_of_memory = False
+        self.tail: list[str] = []
+        self._partial = ""
+
+    def feed(self, text: str) -> None:
+        lines = re.split(r"[\r\n]", self._partial + text)
+        self._partial = lines.pop()
+        for line in lines:
+            self._line(line)
+
+    def close(self) -> None:
+        if self._partial:
+            self._line(self._partial)
+            self._partial = ""
+
+    def _line(self, line: str) -> None:
+        if not line.strip():
+            return
+        if NO_DATA_MARKER in line:
+            self.no_data = True
+        if any(p in line for p in OOM_PATTERNS):
+            self.out_of_memory = True
+        if m := STEP_RE.search(line):
+            self.status.progress(step=int(m.group(1)))
+        elif m := EPOCH_RE.search(line):
+            self.status.progress(epoch=int(m.group(1)))
+        if not STEP_RE.search(line):
+            self.tail = (self.tail + [line.strip()])[-5:]
+
+
+def _stream(proc: subprocess.Popen, log: IO[bytes], watch: OutputWatch, echo: Callable[[bytes], None]) -> None:
+    assert proc.stdout is not None
+    while True:
+        chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+        if not chunk:
+            break
+        log.write(chunk)
+        log.flush()
+        echo(chunk)
+        watch.feed(chunk.decode("utf-8", errors="replace"))
+    watch.close()
+
+
+def _echo(chunk: bytes) -> None:
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+
+
+def run_sd_scripts_job(run_dir: Path, plan: Plan, command: list[str], cwd: Path,
+                       echo: Callable[[bytes], None] = _echo) -> Path:
+    """Run the sd-scripts command for a prepared run folder; returns the final LoRA file."""
+    status = RunStatus(run_dir, plan.total_steps)
+    watch = OutputWatch(status)
+    log_path = run_dir / LOG_FILE
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # stream, not a 4 KiB pipe buffer at a time
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    proc: subprocess.Popen | None = None
+    try:
+        with open(log_path, "ab") as log:
+            log.write(f"$ (cd {cwd} && {' '.join(command)})\n".encode())
+            proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            _stream(proc, log, watch, echo)
+            code = proc.wait()
+    except KeyboardInterrupt:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        status.write(state="interrupted", error="interrupted by a signal (sd-scripts runs cannot be resumed)")
+        raise Interrupted(Problem(str(run_dir), "interrupted; the sd-scripts backend cannot resume",
+                                  "run `loracli train --backend sd-scripts` again")) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return _outcome(run_dir, plan, code, watch, status, log_path)
+
+
+def _outcome(run_dir: Path, plan: Plan, code: int, watch: OutputWatch, status: RunStatus, log_path: Path) -> Path:
+    if watch.no_data:
+        # sd-scripts logs this and returns normally (exit 0): loracli calls it what it is.
+        message = "sd-scripts found no training images ('No data found') although loracli's plan did"
+        status.write(state="failed", error=message)
+        raise DatasetError(Problem(str(log_path), message, "check the image folders and extensions in "
+                                   f"{run_dir / EXPORT_DIR / 'dataset.toml'}"))
+    if code != 0:
+        last = watch.tail[-1] if watch.tail else "no output"
+        message = f"train_network.py exited with status {code}: {last}"
+        if watch.out_of_memory:
+            message = f"{OOM_MESSAGE}: {message}"
+        status.write(state="failed", error=message)
+        raise TrainingError(Problem("sd-scripts", message, f"full output in {log_path}"))
+    final = run_dir / plan.expected_files[-1]
+    if not final.is_file():
+        message = f"train_network.py exited 0 but did not write {final.name}"
+        status.write(state="failed", error=message)
+        raise TrainingError(Problem("sd-scripts", message, f"full output in {log_path}"))
+    status.write(state="finished", step=plan.total_steps, epoch=plan.epochs, last_save=str(final),
+                 finished_at=time.time())
+    return final
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_train_sd_scripts(resolved: ResolvedConfig, strict: bool, sd_scripts_dir: Path | None) -> Path:
+    """Validate and plan here, write the run folder and the export, then let sd-scripts train."""
+    from loracli.cli.plan_view import check_strict, print_plan
+
+    checkout = find_checkout(sd_scripts_dir)
+    if resolved.config.training.seed is None:
+        # As loracli's own trainer: draw the seed here so the run folder records it and the run can be repeated.
+        training = resolved.config.training.model_copy(update={"seed": random.randint(0, 2**32 - 1)})
+        resolved.config = resolved.config.model_copy(update={"training": training})
+        resolved.origins["training.seed"] = "drawn at random"
+    plan = build_plan(resolved)
+    print_plan(resolved, plan)
+    check_strict(plan, strict)
+    run_dir = create_run_dir(resolved.config)
+    export = build_export(resolved.config, plan, output_dir=run_dir)
+    write_run_files(run_dir, resolved, plan, sys.argv)
+    write_export(run_dir / EXPORT_DIR, export, checkout)
+    for line in report_lines(export):
+        sys.stderr.write(line + "\n")
+    print(f"run folder: {run_dir}", flush=True)
+    command = launch_command(checkout_python(checkout), export.num_processes, run_dir / EXPORT_DIR)
+    print(f"sd-scripts: {checkout}", flush=True)
+    final = run_sd_scripts_job(run_dir, plan, command, checkout)
+    print(f"saved: {final}")
+    return final

@@ -1,0 +1,337 @@
+"""`loracli export sd-scripts`: the same run, as the files sd-scripts' train_network.py reads.
+
+`build_export(config, plan)` is pure (no files): it returns the training-args
+TOML (for `--config_file`), the dataset TOML (for `--dataset_config`), the
+`accelerate launch` options, and every warning and unsupported option.
+`write_export` writes config.toml, dataset.toml, train.sh and README-export.txt
+atomically. The sd-scripts backend (`backend.py`) uses the same two calls.
+"""
+
+from __future__ import annotations
+
+import shlex
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from loracli.config.schema import SECTIONS, LoracliConfig
+from loracli.dataset.images import extension
+from loracli.dataset.scan import parse_folder_name
+from loracli.errors import ConfigError, Problem
+from loracli.family import family_for
+from loracli.plan import Plan
+from loracli.rundir import atomic_write_text
+from loracli.sdscripts.options import MAPPINGS, load_option_table, optimizer_arg_items
+
+CONFIG_FILE = "config.toml"
+DATASET_FILE = "dataset.toml"
+SCRIPT_FILE = "train.sh"
+README_FILE = "README-export.txt"
+TRAIN_SCRIPT = "train_network.py"
+# Each process's CPU threads; accelerate warns and picks 1 when unset, sd-scripts' docs pass 1.
+ACCELERATE_BASE = ["--num_cpu_threads_per_process", "1"]
+# Caption and augmentation options go to [general] (they apply to every subset).
+SUBSET_LEVEL = {
+    "caption_extension", "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator",
+    "secondary_separator", "caption_prefix", "caption_suffix", "caption_dropout_rate",
+    "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
+    "flip_aug", "color_aug", "random_crop",
+}
+LYCORIS_SWITCHES = ("use_tucker", "use_scalar", "train_norm", "rank_dropout_scale")
+LORA_ONLY_REASON = 'not used by algo=lora (loracli trains no 3x3 convs with plain LoRA); set network.algo = "locon"'
+
+
+@dataclass
+class Export:
+    args: dict[str, dict[str, Any]]  # config.toml: section -> sd-scripts arg -> value
+    dataset: dict[str, Any]  # dataset.toml
+    num_processes: int
+    warnings: list[str] = field(default_factory=list)
+    unsupported: list[tuple[str, str]] = field(default_factory=list)  # (loracli key, reason)
+    notes: list[str] = field(default_factory=list)
+
+    def flat_args(self) -> dict[str, Any]:
+        """What sd-scripts sees: it flattens the sections of a --config_file."""
+        return {k: v for section in self.args.values() for k, v in section.items()}
+
+
+def _value(config: LoracliConfig, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def _default(dotted: str) -> Any:
+    section, key = dotted.split(".")
+    info = SECTIONS[section].model_fields[key]
+    return info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
+
+
+def _plain(value: Any) -> Any:
+    """TOML-able form: paths absolute, tuples as lists."""
+    if isinstance(value, Path):
+        return str(value.absolute())
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _scheduler_and_warmup(config: LoracliConfig, exp: Export) -> tuple[str, int | float]:
+    opt = config.optimizer
+    scheduler, warmup = opt.lr_scheduler, opt.lr_warmup_steps
+    if isinstance(warmup, float) and warmup >= 1:
+        # sd-scripts reads a float as a ratio of total steps; a whole number of steps must be an int.
+        warmup = int(warmup)
+        exp.warnings.append(f"optimizer.lr_warmup_steps: written as the integer {warmup} (a float is a ratio)")
+    if scheduler == "constant" and warmup:
+        # sd-scripts refuses warmup with `constant`; constant_with_warmup is what such a config means.
+        exp.warnings.append("optimizer.lr_scheduler: 'constant' with a warmup is refused by sd-scripts; "
+                            "exported as 'constant_with_warmup'")
+        scheduler = "constant_with_warmup"
+    return scheduler, warmup
+
+
+def _number(value: float) -> str:
+    """Network-arg text: whole numbers without '.0', others exactly (no rounding)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _report_changed(net: Any, keys: tuple[str, ...], exp: Export) -> None:
+    for key in keys:
+        if getattr(net, key) != _default(f"network.{key}"):
+            exp.unsupported.append((f"network.{key}", LORA_ONLY_REASON))
+
+
+def _network(config: LoracliConfig, exp: Export, args: dict[str, Any]) -> None:
+    net = config.network
+    module = net.module_name
+    args["network_module"] = module
+    items: list[str] = []
+    if module == "lycoris.kohya":
+        items += [f"algo={net.algo}", f"preset={net.lycoris_preset}"]
+        if net.algo == "lora":  # loracli wraps no 3x3 convs for lora, whatever the module
+            _report_changed(net, ("conv_dim", "conv_alpha"), exp)
+        else:
+            if net.conv_dim is not None:
+                items.append(f"conv_dim={net.conv_dim}")
+            if net.conv_alpha is not None:
+                items.append(f"conv_alpha={_number(net.conv_alpha)}")
+        items += [f"{name}=True" for name in LYCORIS_SWITCHES if getattr(net, name)]
+        if net.algo == "lokr":
+            items.append(f"factor={net.factor}")
+        elif net.factor != _default("network.factor"):
+            exp.unsupported.append(("network.factor", f"only used by algo=lokr, not {net.algo}"))
+        exp.warnings.append("network.lycoris_preset: with sd-scripts, LyCORIS picks the layers for "
+                            f"preset={net.lycoris_preset} itself; its module count can differ from loracli's plan")
+        exp.notes.append("LyCORIS networks need `pip install lycoris_lora` in the sd-scripts environment")
+    else:
+        _report_changed(net, ("conv_dim", "conv_alpha", "factor", *LYCORIS_SWITCHES), exp)
+    for key in ("rank_dropout", "module_dropout"):
+        value = getattr(net, key)
+        if value:
+            items.append(f"{key}={_number(value)}")
+    if items:
+        args["network_args"] = items
+
+
+def _optimizer_items(args: dict[str, Any], exp: Export) -> list[str]:
+    """key=<Python literal> items; sd-scripts splits each on '=', so a value containing one cannot be passed."""
+    items = []
+    for key, value in args.items():
+        (item,) = optimizer_arg_items({key: value})
+        if item.count("=") > 1:
+            exp.unsupported.append((f"optimizer.optimizer_args.{key}",
+                                    "the value contains '=', which sd-scripts' key=value split cannot take"))
+            continue
+        items.append(item)
+    return items
+
+
+def training_args(config: LoracliConfig, exp: Export, output_dir: Path | None = None) -> dict[str, dict[str, Any]]:
+    """config.toml for `--config_file`, grouped in loracli's sections (sd-scripts flattens them)."""
+    out: dict[str, dict[str, Any]] = {}
+    table = load_option_table()
+    for m in MAPPINGS:
+        section = m.key.split(".")[0]
+        value = _value(config, m.key)
+        if m.unsupported:
+            if value != _default(m.key):
+                exp.unsupported.append((m.key, m.unsupported))
+            continue
+        if not m.arg or m.arg == "network_module":  # written by _network
+            continue
+        if value is None:
+            continue
+        if m.optimizer_args:
+            items = _optimizer_items(value, exp)
+            if items:
+                out.setdefault(section, {})[m.arg] = items
+            continue
+        if m.key == "dataset.resolution":
+            w, h = config.dataset.resolution_wh
+            value = f"{w},{h}"  # sd-scripts splits this string itself; TOML values skip its argparse
+        if table[m.arg].kind == "list" and not isinstance(value, (list, tuple)):
+            value = [value]  # nargs='*' options (text_encoder_lr): the list argparse itself would produce
+        out.setdefault(section, {})[m.arg] = _plain(value)
+    _network(config, exp, out.setdefault("network", {}))
+    scheduler, warmup = _scheduler_and_warmup(config, exp)
+    out["optimizer"]["lr_scheduler"] = scheduler
+    out["optimizer"]["lr_warmup_steps"] = warmup
+    if not config.training.xformers:
+        out["training"]["sdpa"] = True  # loracli's attention; sd-scripts' default is neither
+    if output_dir is not None:
+        out["output"]["output_dir"] = str(output_dir.absolute())
+    if not config.output.output_name:
+        exp.notes.append("output.output_name is unset: sd-scripts names the final file last.safetensors, as loracli")
+    return {section: out[section] for section in SECTIONS if out.get(section)}
+
+
+def _subsets(config: LoracliConfig, plan: Plan) -> list[dict[str, Any]]:
+    subsets: list[dict[str, Any]] = []
+    ds = config.dataset
+    for parent, dirs, is_reg in ((ds.train_data_dir, plan.dataset_dirs, False),
+                                 (ds.reg_data_dir, plan.reg_dataset_dirs, True)):
+        for name, info in dirs.items():
+            parsed = parse_folder_name(name)
+            if parent is None or parsed is None or not info.get("img_count"):
+                continue
+            repeats, tokens = parsed
+            subsets.append({"image_dir": str((parent / name).absolute()), "num_repeats": repeats,
+                            "class_tokens": tokens, "is_reg": is_reg})
+    return subsets
+
+
+def dataset_toml(config: LoracliConfig, plan: Plan) -> dict[str, Any]:
+    """The dataset TOML: caption options in [general], buckets per dataset, one subset per folder."""
+    ds = config.dataset
+    general: dict[str, Any] = {}
+    dataset: dict[str, Any] = {"resolution": _plain(ds.resolution), "batch_size": config.training.train_batch_size}
+    for m in MAPPINGS:
+        if not m.dataset or m.key in ("dataset.resolution", "training.train_batch_size"):
+            continue
+        value = _value(config, m.key)
+        if value is None:
+            continue
+        (general if m.dataset in SUBSET_LEVEL else dataset)[m.dataset] = _plain(value)
+    dataset["subsets"] = _subsets(config, plan)
+    return {"general": general, "datasets": [dataset]}
+
+
+def _check_rules(config: LoracliConfig, exp: Export) -> None:
+    """Rules sd-scripts enforces at start-up; `loracli plan` checks them too, this guards the export itself."""
+    ds = config.dataset
+    family = family_for(config.model.v2)
+    if ds.bucket_reso_steps % 64:
+        raise ConfigError(Problem("dataset.bucket_reso_steps",
+                                  f"{ds.bucket_reso_steps} is not a multiple of 64; train_network.py refuses it "
+                                  f"for {family.name} models", "use 64"))
+
+
+def _difference_warnings(config: LoracliConfig, plan: Plan, exp: Export) -> None:
+    """Where sd-scripts would count or treat the same data differently (reference: 'deliberately differs')."""
+    mixed = [Path(i.path) for i in plan.images if (e := extension(Path(i.path).name)) not in (e.lower(), e.upper())]
+    if mixed:
+        examples = ", ".join(str(p) for p in mixed[:3])
+        exp.warnings.append(f"{len(mixed)} image(s) with a mixed-case extension ({examples}) are counted by loracli "
+                            "but skipped by sd-scripts on Linux: its steps per epoch will be lower; rename them "
+                            "to .png/.jpg")
+    if config.model.pretrained_model_name_or_path.startswith("tiny:"):
+        exp.warnings.append(f"model.pretrained_model_name_or_path: {config.model.pretrained_model_name_or_path!r} is "
+                            "loracli's built-in test model; sd-scripts cannot load it (give a model file or folder)")
+    if config.dataset.cache_latents_to_disk:
+        exp.warnings.append("dataset.cache_latents_to_disk: sd-scripts' disk caches are not keyed by bucket size "
+                            "or VAE; delete the *.npz files next to the images after changing resolution")
+    if plan.skipped:
+        first = plan.skipped[0]
+        exp.warnings.append(f"{len(plan.skipped)} path(s) loracli's scan skipped (e.g. {first['path']}: "
+                            f"{first['reason']}) are left out of dataset.toml too; sd-scripts given the parent "
+                            "folder as --train_data_dir would treat them its own way")
+    opt = config.optimizer.optimizer_type.lower()
+    if opt.startswith("dadapt"):
+        exp.notes.append("DAdapt* optimizers need `pip install dadaptation` in the sd-scripts environment "
+                         "(not in its requirements.txt)")
+    if opt == "prodigy":
+        exp.notes.append("Prodigy needs prodigyopt (in sd-scripts' requirements.txt)")
+
+
+def build_export(config: LoracliConfig, plan: Plan, output_dir: Path | None = None) -> Export:
+    exp = Export(args={}, dataset={}, num_processes=config.training.num_processes)
+    _check_rules(config, exp)
+    exp.args = training_args(config, exp, output_dir)
+    exp.dataset = dataset_toml(config, plan)
+    _difference_warnings(config, plan, exp)
+    table = load_option_table()
+    unknown = [k for k in exp.flat_args() if k not in table]
+    if unknown:  # a loracli bug, never the user's: every written key must be one sd-scripts accepts
+        raise AssertionError(f"export wrote options train_network.py does not have: {unknown}")
+    return exp
+
+
+def accelerate_options(num_processes: int) -> list[str]:
+    opts = list(ACCELERATE_BASE)
+    if num_processes > 1:
+        opts.append("--multi_gpu")
+    return opts + ["--num_processes", str(num_processes)]
+
+
+def script_args(out_dir: Path) -> list[str]:
+    return [TRAIN_SCRIPT, "--config_file", str((out_dir / CONFIG_FILE).absolute()),
+            "--dataset_config", str((out_dir / DATASET_FILE).absolute())]
+
+
+def shell_command(out_dir: Path, num_processes: int) -> str:
+    return shlex.join(["accelerate", "launch", *accelerate_options(num_processes), *script_args(out_dir)])
+
+
+def _script(out_dir: Path, num_processes: int, sd_scripts_dir: Path | None) -> str:
+    default = (f'if [ -z "${{SD_SCRIPTS_DIR:-}}" ]; then SD_SCRIPTS_DIR={shlex.quote(str(sd_scripts_dir.absolute()))}; '
+               "fi\n" if sd_scripts_dir else "")
+    return ("#!/usr/bin/env bash\n"
+            "# Written by `loracli export sd-scripts`. Runs train_network.py from an sd-scripts checkout\n"
+            "# (activate its virtual environment first; SD_SCRIPTS_DIR overrides the checkout).\n"
+            "set -euo pipefail\n"
+            f"{default}"
+            'cd "${SD_SCRIPTS_DIR:?set SD_SCRIPTS_DIR to your sd-scripts checkout}"\n'
+            f"{shell_command(out_dir, num_processes)}\n")
+
+
+def _readme(exp: Export, command: str) -> str:
+    lines = ["Exported by `loracli export sd-scripts`.", "",
+             f"  {CONFIG_FILE}   training arguments (--config_file)",
+             f"  {DATASET_FILE}  dataset (--dataset_config)",
+             f"  {SCRIPT_FILE}      the command line (set SD_SCRIPTS_DIR or edit its cd line)", "",
+             "Command:", f"  {command}", ""]
+    lines.append("Not exported (sd-scripts has no equivalent):")
+    lines += [f"  - {key}: {reason}" for key, reason in exp.unsupported] or ["  (none)"]
+    lines += ["", "Warnings:"]
+    lines += [f"  - {w}" for w in exp.warnings] or ["  (none)"]
+    lines += ["", "Notes:"]
+    lines += [f"  - {n}" for n in exp.notes] or ["  (none)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_export(out_dir: Path, exp: Export, sd_scripts_dir: Path | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        CONFIG_FILE: tomli_w.dumps(exp.args),
+        DATASET_FILE: tomli_w.dumps(exp.dataset),
+        SCRIPT_FILE: _script(out_dir, exp.num_processes, sd_scripts_dir),
+        README_FILE: _readme(exp, shell_command(out_dir, exp.num_processes)),
+    }
+    written = []
+    for name, text in files.items():
+        atomic_write_text(out_dir / name, text)
+        written.append(out_dir / name)
+    script = out_dir / SCRIPT_FILE
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return written
+
+
+def report_lines(exp: Export) -> list[str]:
+    """Warnings and unsupported options, one line each, for the terminal."""
+    lines = [f"warning: {key}: not exported: {reason}" for key, reason in exp.unsupported]
+    lines += [f"warning: {w}" for w in exp.warnings]
+    lines += [f"note: {n}" for n in exp.notes]
+    return lines

@@ -1,0 +1,314 @@
+"""sd-scripts `train_network.py` arguments -> loracli values.
+
+The input is a dict of argument name -> value, from a `--config_file` TOML
+(typed values) or a command line (text; True for flags; lists for nargs
+options). Names map through the exporter's table (`options.key_for_arg`),
+so export and import read the same mapping. The network and optimizer
+arguments, which pack several loracli keys into `key=value` items, are
+unpacked here.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from loracli.config.schema import OptimizerArg
+from loracli.sdscripts.import_result import ImportResult
+from loracli.sdscripts.options import (
+    int_or_float,
+    key_for_arg,
+    key_for_dataset_key,
+    key_for_network_arg,
+    load_option_table,
+    parse_network_arg,
+    parse_optimizer_arg,
+)
+
+LORACLI_ALGOS = ("lora", "locon", "loha", "lokr")
+
+# Why common train_network.py options have no loracli key (the rest get a generic reason).
+REASONS: dict[str, str] = {
+    "lowram": "memory tuning of sd-scripts; loracli manages memory itself",
+    "highvram": "memory tuning of sd-scripts; loracli manages memory itself",
+    "max_data_loader_n_workers": "data-loader tuning of sd-scripts; loracli picks its own workers",
+    "persistent_data_loader_workers": "data-loader tuning of sd-scripts; loracli picks its own workers",
+    "mem_eff_attn": "loracli uses SDPA attention (or xformers with training.xformers)",
+    "full_fp16": "loracli keeps trained weights in fp32 and uses training.mixed_precision",
+    "full_bf16": "loracli keeps trained weights in fp32 and uses training.mixed_precision",
+    "fp8_base": "loracli has no fp8 base model",
+    "no_half_vae": "loracli picks the VAE's precision itself",
+    "save_state": "loracli saves training states on a step interval: set output.save_state_every_n_steps",
+    "save_state_on_train_end": "loracli saves training states on a step interval: set output.save_state_every_n_steps",
+    "save_last_n_epochs_state": "loracli keeps output.save_last_n_states states",
+    "save_last_n_steps_state": "loracli keeps output.save_last_n_states states",
+    "resume": "resume a loracli run with `loracli train --resume RUN_DIR`",
+    "log_with": "loracli logs to TensorBoard only (logging.logging_dir)",
+    "log_tracker_name": "loracli logs to TensorBoard only (logging.logging_dir)",
+    "log_tracker_config": "loracli logs to TensorBoard only (logging.logging_dir)",
+    "wandb_run_name": "loracli does not log to Weights & Biases",
+    "wandb_api_key": "loracli does not log to Weights & Biases (the key is not copied)",
+    "huggingface_token": "loracli does not upload to the Hugging Face Hub (the token is not copied)",
+    "vae": "a separate VAE is not supported: put it in the diffusers model folder",
+    "in_json": "fine-tuning metadata datasets are not supported: loracli reads <repeats>_<name> folders",
+    "dataset_repeats": "only a fallback for dataset-TOML subsets without num_repeats; folders carry their own repeats",
+    "output_config": "sd-scripts would write its config and exit; there is nothing to train",
+    "lr_scheduler_type": "custom scheduler classes are not supported: use one of loracli's lr_scheduler names",
+    "lr_scheduler_args": "custom scheduler classes are not supported: use one of loracli's lr_scheduler names",
+    "dim_from_weights": "set network.network_dim to the file's rank with network.network_weights",
+    "face_crop_aug_range": "face-crop augmentation is not implemented in loracli",
+    "enable_wildcard": "wildcard captions are not implemented in loracli",
+    "caption_extention": "misspelt alias of caption_extension",
+    "torch_compile": "loracli does not compile the model",
+    "dynamo_backend": "loracli does not compile the model",
+    "mixed_precision_accelerate": "accelerate's own precision flag; loracli uses training.mixed_precision",
+}
+# Options whose only job is the command line itself.
+CLI_ONLY = {"config_file": "read: its values are imported under the command line's",
+            "dataset_config": "read: the dataset TOML is imported with the config"}
+# Never echo these values into reports.
+SECRET = {"wandb_api_key", "huggingface_token"}
+
+NET_ARG_ALIASES = {"use_cp": "use_tucker", "dropout": "network_dropout"}
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value == "" or value == [] or value is False
+
+
+def import_args(args: dict[str, Any], result: ImportResult, *, prefix: str = "",
+                labels: dict[str, str] | None = None) -> None:
+    """Map every argument into `result`.
+
+    Reports name an argument `prefix + name` ("--" for command lines) unless `labels`
+    names it (kohya_ss GUI keys); `labels["network_args.KEY"]` names a network_args item.
+    """
+    table = load_option_table()
+    labels = labels or {}
+    name_of = {name: labels.get(name, f"{prefix}{name}") for name in args}
+    name_of.update({k: v for k, v in labels.items() if k.startswith("network_args.")})
+    rest = dict(args)
+
+    _import_network(rest, result, name_of)
+    _import_optimizer(rest, result, name_of)
+
+    for name, value in rest.items():
+        label = name_of[name]
+        if name in CLI_ONLY:
+            continue  # the caller reads these files and accounts for the key
+        if name == "caption_extention" and value:
+            if "caption_extension" not in args:
+                result.set("dataset.caption_extension", value, label)
+            else:
+                result.skip(label, "misspelt alias; caption_extension is also given")
+            continue
+        if name == "sdpa":
+            if value:
+                result.set("training.xformers", False, label)
+                result.note(f"{label}: loracli uses SDPA attention unless training.xformers is true")
+            else:
+                result.unset(label)
+            continue
+        if name == "lr_warmup_steps":
+            _set_warmup(value, result, label)
+            continue
+        spec = table.get(name)
+        dotted = _loracli_key(name) if spec is not None or key_for_arg(name) else None
+        if dotted is not None:
+            if isinstance(value, list) and len(value) == 1 and dotted != "optimizer.optimizer_args":
+                value = value[0]  # nargs options (text_encoder_lr) given one value
+            if value is None or value == "" or value == []:
+                result.unset(label)
+                continue
+            if spec is not None and spec.kind == "flag" and isinstance(value, str):
+                value = value.strip().lower() not in ("false", "0", "no")
+            if dotted == "dataset.max_token_length" and str(value) == "75":
+                result.set(dotted, 75, label)
+                continue
+            result.set(dotted, value, label)
+            continue
+        if _is_empty(value) or (spec is not None and spec.default is not None and _typed(value, spec) == spec.default):
+            result.unset(label)
+            continue
+        if spec is None:
+            result.skip(label, "not a train_network.py option (sd-scripts would reject it)")
+            continue
+        reason = REASONS.get(name, f"loracli has no equivalent of train_network.py --{name}")
+        if name not in SECRET:
+            reason = f"{reason} (value {value!r})"
+        result.skip(label, reason)
+
+
+def _typed(value: Any, spec: Any) -> Any:
+    """Command-line text as the option's type, to compare with its default."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return {"int": int, "float": float, "int_or_float": int_or_float}.get(spec.type, str)(value)
+    except ValueError:
+        return value
+
+
+def _loracli_key(name: str) -> str | None:
+    """The loracli key of a train_network.py option: its own arg row, else the dataset key of the same name
+    (caption and bucket options are both), else the folder parents."""
+    dotted = key_for_arg(name) or key_for_dataset_key(name)
+    if dotted is None and name in ("train_data_dir", "reg_data_dir"):
+        dotted = f"dataset.{name}"
+    return dotted
+
+
+def _set_warmup(value: Any, result: ImportResult, label: str) -> None:
+    if value is None or value == "":
+        result.unset(label)
+        return
+    try:
+        number = int_or_float(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        result.skip(label, f"{value!r} is not a step count or a ratio")
+        return
+    if isinstance(number, float) and number >= 1 and number.is_integer():
+        number = int(number)  # sd-scripts reads 100.0 as 100 steps
+    result.set("optimizer.lr_warmup_steps", number, label)
+
+
+# --- network_module + network_args -----------------------------------------------------------------------------
+
+
+def _network_items(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return shlex.split(value)
+    return [str(v) for v in value]
+
+
+def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[str, str]) -> None:
+    module = args.pop("network_module", None)
+    raw_items = args.pop("network_args", None)
+    mod_label = name_of.get("network_module", "network_module")
+    args_label = name_of.get("network_args", "network_args")
+    items: dict[str, str] = {}
+    for item in _network_items(raw_items):
+        try:
+            key, text = parse_network_arg(item)
+        except ValueError:
+            result.skip(f"{args_label} {item}", "not key=value")
+            continue
+        items[key] = text
+
+    def item_label(key: str) -> str:
+        return name_of.get(f"network_args.{key}", f"{args_label} {key}")
+
+    if raw_items is not None and not items:
+        result.unset(args_label)
+
+    if module is None or module == "":
+        if module is not None or "network_module" in name_of:
+            result.unset(mod_label)
+        if items:
+            result.note(f"{args_label} given without network_module; read as networks.lora arguments")
+        module = "networks.lora" if items or "network_module" not in name_of else None
+        if module is None:
+            return
+        if "network_module" not in name_of:
+            result.note("no network_module in the input: sd-scripts requires one; imported as networks.lora (LoRA)")
+
+    if module == "networks.lora":
+        result.set("network.network_module", "networks.lora", mod_label)
+        kohya_keys = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
+        if "conv_dim" in items:
+            result.set("network.algo", "locon", item_label("conv_dim"))
+            result.note("networks.lora with conv_dim (kohya's LoCon) is trained as LyCORIS LoCon (network.algo = "
+                        "\"locon\"): the same layers, files recorded as lycoris.kohya")
+        else:
+            result.set("network.algo", "lora", mod_label)
+        for key, text in items.items():
+            label = item_label(key)
+            if key in kohya_keys:
+                result.set(f"network.{key}", text, label)
+            else:
+                result.skip(label, f"networks.lora option {key}={text} is not supported by loracli "
+                                   "(block-wise dims/lr and LoRA+ are not implemented)")
+        return
+
+    if module != "lycoris.kohya":
+        result.skip(mod_label, f"network module {module!r} is not supported: loracli trains networks.lora "
+                               "and lycoris.kohya (LoCon, LoHa, LoKr)")
+        for key, text in items.items():
+            result.skip(item_label(key), f"belongs to the unsupported network module {module}")
+        return
+
+    result.set("network.network_module", "lycoris.kohya", mod_label)
+    algo = items.pop("algo", "lora").strip().lower()
+    algo_label = item_label("algo")
+    if algo == "lora":  # LyCORIS' "lora" is LoCon (convs with conv_dim)
+        algo = "locon" if "conv_dim" in items else "lora"
+    if algo in LORACLI_ALGOS:
+        result.set("network.algo", algo, algo_label if "algo" in _keys(raw_items) else mod_label)
+    else:
+        result.skip(algo_label, f"LyCORIS algo {algo!r} is not supported: loracli trains lora, locon, loha, lokr")
+    preset = items.pop("preset", None)
+    if preset is not None:
+        label = item_label("preset")
+        if preset == "full":
+            result.set("network.lycoris_preset", "full", label)
+        else:
+            result.skip(label, f"LyCORIS preset {preset!r} is not supported: loracli trains the 'full' targets")
+    for key, text in items.items():
+        label = item_label(key)
+        target = NET_ARG_ALIASES.get(key, key)
+        dotted = "network.network_dropout" if target == "network_dropout" else key_for_network_arg(target)
+        if dotted is None:
+            result.skip(label, f"LyCORIS option {key}={text} is not supported by loracli")
+        elif dotted == "network.network_dropout" and "network_dropout" in name_of:
+            result.skip(label, "network_dropout is also given")
+        else:
+            result.set(dotted, text, label)
+
+
+def _keys(raw_items: Any) -> set[str]:
+    return {item.partition("=")[0].strip() for item in _network_items(raw_items)}
+
+
+# --- optimizer -------------------------------------------------------------------------------------------------
+
+_OPT_ARG = TypeAdapter(OptimizerArg)
+
+
+def _import_optimizer(args: dict[str, Any], result: ImportResult, name_of: dict[str, str]) -> None:
+    for flag, name in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")):
+        if flag not in args:
+            continue
+        value = args.pop(flag)
+        label = name_of[flag]
+        if value in (True, "True", "true"):
+            if args.get("optimizer_type"):
+                result.skip(label, "optimizer_type is also given (sd-scripts refuses both)")
+            else:
+                result.set("optimizer.optimizer_type", name, label)
+        else:
+            result.unset(label)
+    if "optimizer_args" not in args:
+        return
+    raw = args.pop("optimizer_args")
+    label = name_of["optimizer_args"]
+    items = shlex.split(raw) if isinstance(raw, str) else [str(v) for v in (raw or [])]
+    if not items:
+        result.unset(label)
+        return
+    parsed: dict[str, Any] = {}
+    for item in items:
+        try:
+            key, value = parse_optimizer_arg(item)
+        except ValueError:
+            result.skip(f"{label} {item}", "not key=value")
+            continue
+        try:
+            parsed[key] = _OPT_ARG.dump_python(_OPT_ARG.validate_python(value, strict=True), mode="json")
+        except ValidationError:
+            result.skip(f"{label} {key}", f"{value!r} cannot be written as a TOML optimizer argument")
+    if parsed:
+        result.set("optimizer.optimizer_args", parsed, label)

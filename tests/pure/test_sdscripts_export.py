@@ -1,0 +1,285 @@
+"""`loracli export sd-scripts`: every emitted option is one train_network.py accepts, in the form it parses."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loracli.config.loader import resolve_config
+from loracli.config.schema import all_keys
+from loracli.errors import ConfigError
+from loracli.plan import build_plan
+from loracli.sdscripts import options
+from loracli.sdscripts.export import Export, build_export, shell_command, training_args
+from tests.pure.cli_helpers import run_cli
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "tiny" / "loracli.toml"
+TEST_TABLE = ROOT / "tests" / "data" / "sdscripts" / "train_network_options.json"
+PRESETS = sorted(p.stem for p in (ROOT / "presets").glob("*.toml"))
+# Presets are partial: each is exported on top of the example (which brings a model and a dataset).
+CASES = [[]] + [[p] for p in PRESETS] + [["prodigy", "locon"], ["dadapt-v3", "locon"]]
+# The dataset TOML's keys, per level (sd-scripts' config_util schema, as the reference lists it).
+DATASET_LEVEL = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+                 "bucket_reso_steps", "bucket_no_upscale", "network_multiplier", "validation_split",
+                 "validation_seed", "resize_interpolation"}
+ALL_LEVELS = {"num_repeats", "shuffle_caption", "flip_aug", "color_aug", "random_crop", "enable_wildcard",
+              "keep_tokens", "keep_tokens_separator", "secondary_separator", "caption_separator", "caption_prefix",
+              "caption_suffix", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "custom_attributes",
+              "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs",
+              "caption_extension", "class_tokens", "cache_info", "resize_interpolation"}
+SUBSET_ONLY = {"image_dir", "is_reg", "alpha_mask", "metadata_file", "conditioning_data_dir"}
+
+
+def export_for(presets: list[str], sets: list[str] | None = None) -> Export:
+    resolved = resolve_config(EXAMPLE, presets, sets or [])
+    return build_export(resolved.config, build_plan(resolved))
+
+
+def test_committed_option_table_is_the_shipped_one():
+    shipped = json.loads((ROOT / "loracli" / "sdscripts" / "train_network_options.json").read_text())
+    assert json.loads(TEST_TABLE.read_text()) == shipped
+    assert {"network_args", "optimizer_args", "dataset_config", "config_file"} <= set(shipped["options"])
+
+
+def test_mapping_covers_every_config_key_and_reads_both_ways():
+    keys = {f"{section}.{key}" for section, names in all_keys().items() for key in names}
+    assert {m.key for m in options.MAPPINGS} == keys
+    table = options.load_option_table()
+    for m in options.MAPPINGS:
+        assert sum(bool(x) for x in (m.arg, m.dataset, m.subsets, m.network_arg, m.accelerate, m.unsupported)) >= 1
+        if m.arg:
+            assert m.arg in table, m.key
+            assert options.key_for_arg(m.arg) == m.key
+        if m.dataset:
+            assert options.key_for_dataset_key(m.dataset) == m.key
+        if m.network_arg:
+            assert options.key_for_network_arg(m.network_arg) == m.key
+    assert options.key_for_arg("network_args") is None
+
+
+def _parse(tokens: list[str]):
+    return options.build_parser().parse_args(tokens)
+
+
+@pytest.mark.parametrize("presets", CASES, ids=lambda p: "+".join(p) or "example")
+def test_exported_arguments_parse_with_train_network_options(presets, tmp_path):
+    exp = export_for(presets)
+    flat = exp.flat_args()
+    tokens = [t for name, value in flat.items() for t in options.cli_tokens(name, value)]
+    parsed = _parse(tokens)  # argparse exits (SystemExit) on an unknown option or a bad value
+    for name, value in flat.items():
+        got = getattr(parsed, name)
+        if isinstance(value, list):
+            assert got == [options._CONVERTERS[options.load_option_table()[name].type](str(v)) for v in value]
+        elif isinstance(value, bool):
+            assert got is value
+        else:
+            assert got == value, name
+    for item in flat.get("optimizer_args", []):
+        key, _, literal = item.partition("=")
+        assert key.isidentifier()
+        ast.literal_eval(literal)  # sd-scripts reads each value this way
+    for item in flat.get("network_args", []):
+        key, sep, value = item.partition("=")
+        assert sep and key.isidentifier() and value and "=" not in value
+
+    # train.sh's command line: the accelerate part, then a train_network.py command line that parses too
+    command = shlex.split(shell_command(tmp_path / "out dir", exp.num_processes))
+    script = command.index("train_network.py")
+    assert command[:2] == ["accelerate", "launch"]
+    script_args = _parse(command[script + 1:])
+    assert script_args.config_file == str(tmp_path / "out dir" / "config.toml")
+    assert script_args.dataset_config == str(tmp_path / "out dir" / "dataset.toml")
+
+
+@pytest.mark.parametrize("presets", CASES, ids=lambda p: "+".join(p) or "example")
+def test_dataset_toml_uses_only_keys_sd_scripts_allows(presets):
+    exp = export_for(presets)
+    data = exp.dataset
+    assert set(data) == {"general", "datasets"}
+    assert set(data["general"]) <= ALL_LEVELS | DATASET_LEVEL
+    (dataset,) = data["datasets"]
+    assert set(dataset) - {"subsets"} <= ALL_LEVELS | DATASET_LEVEL
+    for subset in dataset["subsets"]:
+        assert set(subset) <= ALL_LEVELS | SUBSET_ONLY
+        assert Path(subset["image_dir"]).is_absolute() and Path(subset["image_dir"]).is_dir()
+
+
+def test_example_exports_its_folders_and_values():
+    exp = export_for(["prodigy", "locon"])
+    subsets = exp.dataset["datasets"][0]["subsets"]
+    assert [(Path(s["image_dir"]).name, s["num_repeats"], s["class_tokens"], s["is_reg"]) for s in subsets] == [
+        ("1_scenery", 1, "scenery", False), ("2_tinychar", 2, "tinychar", False)]
+    general = exp.dataset["general"]
+    assert general["caption_extension"] == ".txt"  # written out: sd-scripts would default to .caption
+    assert general["shuffle_caption"] is True and general["keep_tokens"] == 1
+    dataset = exp.dataset["datasets"][0]
+    assert dataset["resolution"] == 128 and dataset["batch_size"] == 2 and dataset["enable_bucket"] is True
+    flat = exp.flat_args()
+    assert flat["network_module"] == "lycoris.kohya"
+    assert flat["network_args"] == ["algo=locon", "preset=full", "conv_dim=8", "conv_alpha=1"]
+    assert flat["optimizer_args"] == ["decouple=True", "weight_decay=0.01", "d_coef=2", "use_bias_correction=True",
+                                      "safeguard_warmup=False", "betas=(0.9,0.999)"]
+    assert flat["resolution"] == "128,128" and flat["max_train_epochs"] == 4 and "max_train_steps" not in flat
+    assert flat["sdpa"] is True and flat["min_snr_gamma"] == 5
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_lycoris_algorithms_go_through_network_args(algo):
+    flat = export_for(["locon"], [f'network.algo="{algo}"']).flat_args()
+    assert flat["network_module"] == "lycoris.kohya"
+    assert f"algo={algo}" in flat["network_args"]
+    assert ("factor=-1" in flat["network_args"]) == (algo == "lokr")
+    flat = export_for(["locon"], [f'network.algo="{algo}"', "network.rank_dropout=0.125",
+                                  "network.use_tucker=true"]).flat_args()
+    assert "rank_dropout=0.125" in flat["network_args"] and "use_tucker=True" in flat["network_args"]
+    assert not any(item.startswith("use_scalar") for item in flat["network_args"])  # false switches: not written
+
+
+def test_plain_lora_uses_networks_lora():
+    flat = export_for([]).flat_args()
+    assert flat["network_module"] == "networks.lora" and "network_args" not in flat
+    # lora through lycoris.kohya: loracli trains no 3x3 convs for it, so conv_dim is reported, not passed on
+    exp = export_for(["locon"], ['network.algo="lora"'])
+    assert exp.flat_args()["network_args"] == ["algo=lora", "preset=full"]
+    assert [key for key, _ in exp.unsupported] == ["network.conv_dim", "network.conv_alpha"]
+
+
+def test_python_literals_round_trip():
+    args = {"decouple": True, "weight_decay": 0.4, "betas": [0.9, 0.99], "mode": "x y", "one": [1]}
+    items = options.optimizer_arg_items(args)
+    assert items == ["decouple=True", "weight_decay=0.4", "betas=(0.9,0.99)", "mode='x y'", "one=(1,)"]
+    assert dict(options.parse_optimizer_arg(i) for i in items) == args
+
+
+def _config(presets: list[str], **changes):
+    resolved = resolve_config(EXAMPLE, presets, [])
+    config = resolved.config
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        part = getattr(config, section).model_copy(update={key: value})
+        config = config.model_copy(update={section: part})
+    return config, build_plan(resolved)
+
+
+def test_constant_scheduler_with_warmup_becomes_constant_with_warmup():
+    # `loracli plan` refuses this config; the export guards itself the same way sd-scripts would need
+    config, _ = _config([], optimizer__lr_scheduler="constant", optimizer__lr_warmup_steps=10)
+    exp = Export(args={}, dataset={}, num_processes=1)
+    args = training_args(config, exp)
+    assert args["optimizer"]["lr_scheduler"] == "constant_with_warmup"
+    assert args["optimizer"]["lr_warmup_steps"] == 10
+    assert any("constant_with_warmup" in w for w in exp.warnings)
+
+
+def test_whole_warmup_float_is_written_as_an_integer_and_ratio_kept():
+    config, _ = _config([], optimizer__lr_scheduler="cosine", optimizer__lr_warmup_steps=5.0)
+    exp = Export(args={}, dataset={}, num_processes=1)
+    warmup = training_args(config, exp)["optimizer"]["lr_warmup_steps"]
+    assert warmup == 5 and isinstance(warmup, int)
+    ratio = export_for(["dadapt-v3"]).flat_args()["lr_warmup_steps"]
+    assert ratio == 0.1 and isinstance(ratio, float)
+
+
+def test_bucket_steps_not_divisible_by_64_are_refused(tmp_path):
+    config, plan = _config([], dataset__bucket_reso_steps=32)
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        build_export(config, plan)
+    result = run_cli("export", "sd-scripts", "--config", EXAMPLE, "--set", "dataset.bucket_reso_steps=32",
+                     tmp_path / "out")
+    assert result.exit_code == 2 and not (tmp_path / "out" / "config.toml").exists()
+
+
+def test_unsupported_options_are_reported_not_dropped(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("export", "sd-scripts", "--config", EXAMPLE, "--set", "output.save_state_every_n_steps=10",
+                     "--set", "network.conv_dim=4", out)
+    assert result.exit_code == 0, result.output
+    readme = (out / "README-export.txt").read_text()
+    for key in ("output.save_state_every_n_steps", "network.conv_dim"):
+        assert key in readme
+        assert f"warning: {key}: not exported" in result.stderr
+    written = tomllib.loads((out / "config.toml").read_text())
+    flat = {k: v for section in written.values() for k, v in section.items()}
+    assert "save_state_every_n_steps" not in flat and "network_args" not in flat
+
+
+def test_cli_writes_files_and_an_executable_script(tmp_path):
+    out = tmp_path / "my export"
+    result = run_cli("export", "sd-scripts", "--preset", "dadapt-v3", "--config", EXAMPLE, out,
+                     "--sd-scripts-dir", tmp_path / "sd scripts")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["README-export.txt", "config.toml", "dataset.toml", "train.sh"]
+    script = out / "train.sh"
+    assert os.access(script, os.X_OK)
+    lines = script.read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    expected = ["launch", "--num_cpu_threads_per_process", "1", "--num_processes", "1", "train_network.py",
+                "--config_file", str(out / "config.toml"), "--dataset_config", str(out / "dataset.toml")]
+    assert shlex.split(lines[-1]) == ["accelerate", *expected]
+    # run it, with a recording `accelerate` first on PATH: the checkout is the working directory
+    checkout = tmp_path / "sd scripts"
+    checkout.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "accelerate"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"json.dump([os.getcwd(), sys.argv[1:]], open({str(tmp_path / 'rec.json')!r}, 'w'))\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([str(script)], check=True, env=env)
+    assert json.loads((tmp_path / "rec.json").read_text()) == [str(checkout), expected]
+    other = tmp_path / "other checkout"
+    other.mkdir()
+    subprocess.run([str(script)], check=True, env={**env, "SD_SCRIPTS_DIR": str(other)})
+    assert json.loads((tmp_path / "rec.json").read_text())[0] == str(other)
+    written = tomllib.loads((out / "config.toml").read_text())
+    assert written["optimizer"]["optimizer_type"] == "DAdaptAdam"
+    assert tomllib.loads((out / "dataset.toml").read_text())["datasets"][0]["subsets"]
+    assert "accelerate launch" in result.stdout and "28 steps, 4 epochs, 2 subset(s)" in result.stdout
+    # loracli's test model cannot be loaded by sd-scripts: said, not hidden
+    assert "tiny:sd15" in result.stderr
+
+
+def test_several_processes_launch_multi_gpu():
+    exp = export_for([], ["training.num_processes=2"])
+    command = shlex.split(shell_command(Path("/x"), exp.num_processes))
+    assert command[2:7] == ["--num_cpu_threads_per_process", "1", "--multi_gpu", "--num_processes", "2"]
+
+
+def test_mixed_case_extensions_are_warned_about(tmp_path, make_image):
+    make_image(tmp_path / "data" / "3_cat" / "a.Png", 64, 64)
+    (tmp_path / "data" / "3_cat" / "a.txt").write_text("cat")
+    make_image(tmp_path / "data" / "3_cat" / "b.png", 64, 64)
+    (tmp_path / "data" / "3_cat" / "b.txt").write_text("cat")
+    make_image(tmp_path / "data" / "dogs" / "c.png", 64, 64)  # no <repeats>_ prefix: skipped by both
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\npretrained_model_name_or_path = "m"\n[dataset]\ntrain_data_dir = "data"\n'
+                      "resolution = 64\nmin_bucket_reso = 64\n[training]\nmax_train_epochs = 1\n")
+    resolved = resolve_config(config, [], [])
+    exp = build_export(resolved.config, build_plan(resolved))
+    (warning,) = [w for w in exp.warnings if "mixed-case" in w]
+    assert "1 image(s)" in warning and "a.Png" in warning
+    assert any("dogs" in w and "left out of dataset.toml" in w for w in exp.warnings)
+    assert exp.dataset["datasets"][0]["subsets"][0]["num_repeats"] == 3
+
+
+def test_optimizer_value_with_an_equals_sign_is_reported():
+    config, _ = _config([], optimizer__optimizer_args={"weight_decay": 0.1, "spec": "a=b"})
+    exp = Export(args={}, dataset={}, num_processes=1)
+    args = training_args(config, exp)
+    assert args["optimizer"]["optimizer_args"] == ["weight_decay=0.1"]
+    assert [key for key, _ in exp.unsupported] == ["optimizer.optimizer_args.spec"]
