@@ -23,6 +23,7 @@ LR_PNG = "lr.png"
 DLR_PREFIX = "d*lr/"
 # an lr series spanning more than this ratio (max/min of its positive values) is drawn on a log axis
 LOG_SCALE_RATIO = 100.0
+MAX_EPOCH_MARKS = 25
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _new_figure(rows: int = 1):
     FigureCanvasAgg(fig)
     # fixed margins (in inches, so both heights look alike) instead of constrained layout: it
     # costs a third of the drawing time, and the training loop calls this every epoch
-    fig.subplots_adjust(left=0.09, right=0.81, bottom=0.5 / height, top=1 - 0.85 / height, hspace=0.08)
+    fig.subplots_adjust(left=0.09, right=0.78, bottom=0.5 / height, top=1 - 0.85 / height, hspace=0.08)
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
     for ax in axes:
         ax.grid(True, alpha=0.3)
@@ -134,21 +135,24 @@ def _new_figure(rows: int = 1):
 
 
 def _mark_epochs(ax, records: list[dict[str, Any]], label: bool) -> None:
-    """A dashed line before each epoch's first step; with label, the epoch numbers on a top axis,
-    centred on their spans (outside the plot, so they never cover a curve), thinned when many."""
+    """A dashed line before an epoch's first step; with label, the epoch numbers on a top axis,
+    centred on their spans (outside the plot, so they never cover a curve). With many epochs
+    only every k-th is marked, so the lines do not hide the curves."""
     starts = epoch_starts(records)
-    for step, _ in starts:
-        ax.axvline(step - 0.5, color="0.55", linestyle="--", linewidth=0.8, zorder=0)
-    if not label or not records or records[0].get("epoch") is None:
+    if not records or records[0].get("epoch") is None:
         return
-    edges = [records[0]["step"] - 0.5] + [step - 0.5 for step, _ in starts] + [records[-1]["step"] + 0.5]
     epochs = [int(records[0]["epoch"])] + [epoch for _, epoch in starts]
-    every = max(1, math.ceil(len(epochs) / 20))
-    centres = [(edges[i] + edges[i + 1]) / 2 for i in range(len(epochs))][::every]
+    every = max(1, math.ceil(len(epochs) / MAX_EPOCH_MARKS))
+    edges = [records[0]["step"] - 0.5] + [step - 0.5 for step, _ in starts] + [records[-1]["step"] + 0.5]
+    for i in range(every, len(epochs), every):
+        ax.axvline(edges[i], color="0.55", linestyle="--", linewidth=0.8, zorder=0)
+    if not label:
+        return
+    centres = [(edges[i] + edges[i + 1]) / 2 for i in range(0, len(epochs), every)]
     top = ax.secondary_xaxis("top")
     top.set_xticks(centres, labels=[str(e) for e in epochs[::every]])
     top.tick_params(length=0, labelsize=9, labelcolor="0.3")
-    top.set_xlabel("epoch", fontsize=10, color="0.3")
+    top.set_xlabel("epoch" if every == 1 else f"epoch (1 in {every} marked)", fontsize=10, color="0.3")
 
 
 def _save_atomic(fig, path: Path) -> None:
@@ -166,7 +170,7 @@ def _plot_loss(records: list[dict[str, Any]], title: str, path: Path) -> None:
     span = ema_span(len(losses))
     fig, (ax,) = _new_figure()
     few = len(steps) <= 50  # markers help when there are few points (one step would be invisible)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.6 if few else 0.35, linewidth=0.8,
+    ax.plot(steps, losses, color="tab:blue", alpha=0.6 if few else 0.35 if len(steps) < 2000 else 0.2, linewidth=0.8,
             marker="o" if few else None, markersize=4, label="loss per step")
     ax.plot(steps, ema(losses, span), color="tab:blue", linewidth=2.0, label=f"EMA (span {span} steps)")
     ax.set_xlabel("step", fontsize=11)
@@ -185,11 +189,14 @@ def _plot_lines(ax, series: list[Series], ylabel: str) -> None:
     colors = ["tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown", "tab:pink", "tab:olive"]
     # groups often share one lr: later lines are dashed and thinner so the earlier stay visible
     styles = [("-", 2.4), ("--", 1.6), (":", 1.6), ("-.", 1.6)]
+    log = wants_log_scale(series)
     for i, s in enumerate(series):
         style, width = styles[i % len(styles)]
-        ax.plot(s.steps, s.values, color=colors[i % len(colors)], linestyle=style, linewidth=width,
+        # a log axis cannot show 0 (a schedule's last step): leave those points out, not off the plot
+        values = [v if v > 0 else math.nan for v in s.values] if log else s.values
+        ax.plot(s.steps, values, color=colors[i % len(colors)], linestyle=style, linewidth=width,
                 marker="o" if len(s.steps) <= 50 else None, markersize=3, label=s.label)
-    if wants_log_scale(series):
+    if log:
         ax.set_yscale("log")
         ylabel += " (log scale)"
     else:

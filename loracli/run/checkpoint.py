@@ -54,12 +54,13 @@ def _base_config(name: str) -> dict[str, Any]:
 
 def _shapes_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
     """Every key and its shape, from the header alone (no tensor is read)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for bad headers
+            names = f.keys()
+            return {k: tuple(f.get_slice(k).get_shape()) for k in names}
+    except (SafetensorError, OSError) as exc:
         raise DatasetError(Problem(_where(path), f"not a readable .safetensors file ({_first_line(exc)})",
                                    "re-download the file; a partial download has a broken header")) from None
 
@@ -74,9 +75,9 @@ def _load_pickle(path: Path) -> dict[str, Any]:
         # to running the file's pickled code, so unpickle it fully.
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - unpickling can raise anything; report it in one line
             raise DatasetError(Problem(_where(path), f"cannot read the checkpoint ({_first_line(exc)})")) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a truncated zip, a bad magic number, ...
         raise DatasetError(Problem(_where(path), f"cannot read the checkpoint ({_first_line(exc)})")) from None
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -309,7 +310,7 @@ def _text_encoder_state(model: Any, checkpoint: dict[str, Any], v2: bool, layers
             checkpoint = {CLIP_L + "text_model." + k[len(CLIP_L):]: v for k, v in checkpoint.items()
                           if k.startswith(CLIP_L)}
         state = convert_ldm_clip_checkpoint(checkpoint)
-    state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
     state.pop("embeddings.position_ids", None)  # a buffer, not a weight
     state.pop("text_projection.weight", None)
     return state

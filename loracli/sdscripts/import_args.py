@@ -97,6 +97,8 @@ def import_args(args: dict[str, Any], result: ImportResult, *, prefix: str = "",
     for name, value in rest.items():
         label = name_of[name]
         if name in CLI_ONLY:
+            if _is_empty(value):
+                result.unset(label)
             continue  # the caller reads these files and accounts for the key
         if name == "caption_extention" and value:
             if "caption_extension" not in args:
@@ -124,9 +126,6 @@ def import_args(args: dict[str, Any], result: ImportResult, *, prefix: str = "",
                 continue
             if spec is not None and spec.kind == "flag" and isinstance(value, str):
                 value = value.strip().lower() not in ("false", "0", "no")
-            if dotted == "dataset.max_token_length" and str(value) == "75":
-                result.set(dotted, 75, label)
-                continue
             result.set(dotted, value, label)
             continue
         if _is_empty(value) or (spec is not None and spec.default is not None and _typed(value, spec) == spec.default):

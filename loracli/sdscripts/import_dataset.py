@@ -10,7 +10,7 @@ when the per-subset options agree. Everything else is reported with what to do.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from loracli.dataset.scan import parse_folder_name
@@ -110,6 +110,13 @@ def import_dataset_toml(data: dict[str, Any], result: ImportResult, *, where: st
     _import_folders(subsets, result, where, fallbacks, effective)
 
 
+def _pure_path(text: str) -> PurePath:
+    """Windows paths (D:\\data\\10_x) split on backslashes even when importing on Linux."""
+    if "\\" in text and "/" not in text:
+        return PureWindowsPath(text)
+    return PurePosixPath(text) if "/" in text else PurePath(text)
+
+
 def _distinct(values: Any) -> list[Any]:
     out: list[Any] = []
     for v in values:
@@ -143,7 +150,7 @@ def _import_group(items: list[tuple[str, dict[str, Any], dict[str, Any]]], is_re
     listed: set[str] = set()
     for label, subset, dataset in items:
         image_dir = str(subset["image_dir"])
-        path = Path(image_dir)
+        path = _pure_path(image_dir)
         parents.setdefault(str(path.parent), []).append(label)
         listed.add(path.name)
         repeats = effective("num_repeats", subset, dataset)

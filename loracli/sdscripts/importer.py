@@ -384,7 +384,7 @@ def render_toml(result: ImportResult) -> str:
         lines += ["#", f"# Not imported ({len(result.unsupported)}):"]
         lines += [f"#   {key}: {reason}" for key, reason in result.unsupported.items()]
     if result.empty:
-        lines += ["#", f"# Empty or off in the input, nothing to import ({len(result.empty)}):"]
+        lines += ["#", f"# Empty, off or at the default in the input, nothing to import ({len(result.empty)}):"]
         lines += _wrap(", ".join(result.empty), "#   ")
     if result.notes:
         lines += ["#", "# Notes:"]
@@ -412,6 +412,6 @@ def report_lines(result: ImportResult) -> list[str]:
     lines = [f"{result.source}: {result.kind}, {len(result.mapped)} key(s) imported"]
     lines += [f"not imported: {key}: {reason}" for key, reason in result.unsupported.items()]
     if result.empty:
-        lines.append(f"empty in the input: {', '.join(result.empty)}")
+        lines.append(f"empty, off or default in the input: {', '.join(result.empty)}")
     lines += [f"note: {note}" for note in result.notes]
     return lines

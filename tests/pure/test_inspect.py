@@ -162,6 +162,28 @@ def test_locon_loha_and_sdxl_parts(tmp_path):
     assert report["base_model"]["guess_from_weights"].startswith("SDXL")
 
 
+def test_lokr_ranks_and_full_factors(tmp_path):
+    lokr = {"lora_unet_a_to_q.lokr_w1": ("F32", [4, 4], 0.1), "lora_unet_a_to_q.lokr_w2_a": ("F32", [80, 8], 0.1),
+            "lora_unet_a_to_q.lokr_w2_b": ("F32", [8, 80], 0.0), "lora_unet_a_to_q.alpha": ("F32", [], 8.0),
+            "lora_te_b_fc1.lokr_w1": ("F32", [4, 2], 0.1), "lora_te_b_fc1.lokr_w2": ("F32", [8, 8], 0.0),
+            "lora_te_b_fc1.alpha": ("F32", [], 8.0)}
+    report = inspect_file(write_safetensors(tmp_path / "lokr.safetensors", lokr))
+    assert report["algorithm"] == "LoKr" and report["modules"] == {"total": 2, "unet": 1, "text_encoder": 1}
+    assert {m["name"]: m["dim"] for m in report["per_module"]} == {"lora_unet_a_to_q": 8, "lora_te_b_fc1": None}
+    assert "dim full alpha 8: 1 modules" in render_inspect(report)
+    assert report["parameters"] == 16 + 640 + 640 + 8 + 64
+
+
+def test_peft_key_names(tmp_path):
+    peft = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": ("F32", [4, 32], 0.1),
+            "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": ("F32", [32, 4], 0.0),
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": ("F32", [4, 32], 0.1),
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": ("F32", [32, 4], 0.0)}
+    report = inspect_file(write_safetensors(tmp_path / "peft.safetensors", peft))
+    assert report["algorithm"] == "LoRA" and report["modules"] == {"total": 2, "unet": 1, "text_encoder": 1}
+    assert (report["dim"], report["alpha"]) == (4, None)
+
+
 @pytest.mark.parametrize("alpha_dtype,alpha", [("BF16", 8.0), ("BF16", 0.5), ("F16", 1.5), ("F32", 3.25)])
 def test_alpha_dtypes_decode(tmp_path, alpha_dtype, alpha):
     tensors = lora_module("lora_unet_a_proj_in", 16, alpha, 8, 8, dtype="BF16", alpha_dtype=alpha_dtype)

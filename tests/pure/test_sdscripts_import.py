@@ -338,3 +338,12 @@ def test_values_loracli_rules_refuse_are_reported_not_written(tmp_path):
     assert "E10" in result.unsupported["lr_warmup_steps"]
     assert "network_alpha" in result.unsupported  # the schema's range
     write_and_resolve(result, tmp_path)
+
+
+def test_windows_dataset_paths_map_to_their_parent(tmp_path):
+    (tmp_path / "ds.toml").write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = \'D:\\sd\\img\\4_toon style\'\n'
+                                      'num_repeats = 4\nclass_tokens = "toon style"\n')
+    (tmp_path / "c.toml").write_text('pretrained_model_name_or_path = "D:\\\\sd\\\\base"\nmax_train_epochs = 3\n')
+    result = import_file(tmp_path / "c.toml", tmp_path / "ds.toml")
+    assert result.values["dataset"]["train_data_dir"] == "D:\\sd\\img"
+    assert result.unsupported == {}
