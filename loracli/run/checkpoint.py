@@ -285,7 +285,13 @@ def _build(cls_from_config, config: dict[str, Any], state: dict[str, Any], what:
     with init_empty_weights():
         model = cls_from_config(config)
     state = {k: v for k, v in _float32(state).items() if v is not None}
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor whose shape the derived config does not expect
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line] or [_first_line(exc)]
+        raise DatasetError(Problem(_where(path), f"the {what} weights do not fit the architecture read from the "
+                                   f"file ({lines[0][:200]})",
+                                   "the checkpoint is unusual or not an SD1.x/2.x model")) from None
     on_meta = [n for n, p in model.named_parameters() if p.device == torch.device("meta")]
     missing = sorted(set(result.missing_keys) | set(on_meta))
     if missing:

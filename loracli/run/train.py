@@ -26,6 +26,7 @@ from loracli.errors import ConfigError, Interrupted, Problem, TrainingError
 from loracli.family import family_for
 from loracli.lint import trains_text_encoder
 from loracli.plan import Plan, load_plan
+from loracli.report.curves import write_curves
 from loracli.run.data import BucketBatches, ExampleLoader
 from loracli.run.latents import LatentCache, encode
 from loracli.run.metadata import (
@@ -336,6 +337,17 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
             log(f"sample images ({label}): {len(made)} in {time.time() - started:.1f}s, grid {grid.name}")
         accelerator.wait_for_everyone()
 
+    def draw_curves() -> None:
+        """loss.png and lr.png from metrics.jsonl; a plotting failure never stops training."""
+        if not accelerator.is_main_process:
+            return
+        if metrics and not metrics.closed:
+            metrics.flush()
+        try:
+            write_curves(run_dir)
+        except Exception as exc:  # noqa: BLE001 - a plot must never end a run
+            log(f"warning: could not draw the curves: {exc}")
+
     # --- the loop
     ga = tr.gradient_accumulation_steps
     noise_scheduler = sd.noise_scheduler
@@ -419,6 +431,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                 if global_step >= plan.total_steps:
                     break
             progress.epoch_done(epoch, plan.epochs, global_step, plan.total_steps)
+            draw_curves()
             sample(global_step, epoch)
             if out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0 and epoch < plan.epochs:
                 save("epoch", epoch, global_step, epoch)
@@ -429,6 +442,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         if metrics:
             metrics.close()
     save("final", 0, global_step, plan.epochs)
+    draw_curves()
     accelerator.wait_for_everyone()
     if logging_dir:
         accelerator.end_training()

@@ -37,6 +37,9 @@ def test_samples_at_the_planned_steps_with_grid_and_tensorboard(smoke_project):
     assert ImageChops.difference(first, last).getbbox() is not None
     status = json.loads((run / "status.json").read_text())
     assert status["last_sample"] == labels[-1]
+    for curve in ("loss.png", "lr.png"):  # drawn by the training loop itself
+        with Image.open(run / curve) as image:
+            assert image.format == "PNG" and image.width > 400
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -277,3 +277,16 @@ def test_full_size_shapes_give_the_shipped_configs(v2):
     assert ck.vae_config(shapes) == vae_base
     assert ck.text_encoder_config(shapes, v2) == text_base
     assert text_base["num_hidden_layers"] == (23 if v2 else 12)
+
+
+def test_a_tensor_of_an_unexpected_shape_is_a_one_line_error(tmp_path, no_network):
+    from safetensors.torch import load_file
+
+    path = write_checkpoint(tmp_path / "odd.safetensors")
+    state = load_file(str(path))
+    key = "model.diffusion_model.middle_block.1.proj_out.weight"
+    state[key] = torch.zeros(32, 64, 1, 1, dtype=state[key].dtype)  # the block is 64 wide
+    save_file(state, str(path))
+    with pytest.raises(DatasetError, match="UNet weights do not fit .* size mismatch for mid_block") as info:
+        load_sd_components(str(path))
+    assert "\n" not in str(info.value)
