@@ -116,6 +116,8 @@ def register(app: typer.Typer) -> None:
         height: int = typer.Option(None, "--height", min=64, help="Image height (overrides --h)."),
         out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/grids or ./grids)."),
         device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
+        allow_pickle: bool = typer.Option(False, "--allow-pickle-checkpoint",
+                                          help="Allow a .ckpt base model (a pickle can run code)."),
     ) -> None:
         """Render LoRA files × strengths × prompts × seeds as labelled PNG grids, to pick the best epoch."""
         from loracli.config.schema import SampleSection
@@ -137,10 +139,12 @@ def register(app: typer.Typer) -> None:
                                       "use ddim, pndm, lms, euler, euler_a, heun, dpm_2, dpm_2_a, dpmsolver, "
                                       "dpmsolver++, dpmsingle (k_ names too)")) from None
         out_dir = out or (run_dir / "grids" if run_dir else Path("grids"))
-        render(files, prompts, strength_list, seed_list, base, model_cfg, run_config, chosen_sampler, out_dir, device)
+        render(files, prompts, strength_list, seed_list, base, model_cfg, run_config, chosen_sampler, out_dir, device,
+               allow_pickle)
 
 
-def render(files, prompts, strengths, seeds, base, model_cfg, run_config, sampler, out_dir, device) -> None:
+def render(files, prompts, strengths, seeds, base, model_cfg, run_config, sampler, out_dir, device,
+           allow_pickle: bool) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from loracli.run.strength_grid import GridJob, render_grids
@@ -150,6 +154,7 @@ def render(files, prompts, strengths, seeds, base, model_cfg, run_config, sample
     job = GridJob(
         files=files, prompts=prompts, strengths=strengths, seeds=seeds, model=base,
         v2=bool(model_cfg.get("v2", False)), v_parameterization=bool(model_cfg.get("v_parameterization", False)),
+        allow_pickle=allow_pickle or bool(model_cfg.get("allow_pickle_checkpoint", False)),
         clip_skip=model_cfg.get("clip_skip"),
         max_token_length=(run_config or {}).get("dataset", {}).get("max_token_length"),
         sampler=sampler, out_dir=out_dir,

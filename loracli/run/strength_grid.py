@@ -33,6 +33,7 @@ class GridJob:
     model: str
     v2: bool = False
     v_parameterization: bool = False
+    allow_pickle: bool = False  # model.allow_pickle_checkpoint: a .ckpt base model
     clip_skip: int | None = None
     max_token_length: int | None = None
     sampler: str = "ddim"
@@ -78,7 +79,8 @@ def unhook(network) -> None:
 
 
 def render_grids(job: GridJob, device: str, on_image: Callable[[], None] = lambda: None) -> list[Path]:
-    sd = load_sd_components(job.model, job.v2)
+    sd = load_sd_components(job.model, job.v2, v_parameterization=job.v_parameterization,
+                            allow_pickle=job.allow_pickle)
     for module in (sd.unet, sd.text_encoder, sd.vae):
         module.to(device)
     pipe = build_pipeline(sd, job.sampler, job.v_parameterization)

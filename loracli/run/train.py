@@ -213,7 +213,9 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     weight_dtype = DTYPES[mixed_precision]
 
     # --- models: frozen base weights in the training dtype, network in fp32
-    sd = load_sd_components(config.model.pretrained_model_name_or_path, config.model.v2)
+    sd = load_sd_components(config.model.pretrained_model_name_or_path, config.model.v2,
+                            v_parameterization=config.model.v_parameterization,
+                            allow_pickle=config.model.allow_pickle_checkpoint)
     if tr.xformers:
         _enable_xformers(sd.unet)
     network = create_network(network_spec(config), sd.text_encoder, sd.unet)
