@@ -140,6 +140,13 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
         out.append(Finding("error", "E12", "network.network_train_unet_only",
                            "network_train_unet_only and network_train_text_encoder_only are both true",
                            "set at most one of them"))
+    # E14: pickled checkpoints can run code when loaded; only with an explicit opt-in.
+    model_path = config.model.pretrained_model_name_or_path
+    if model_path.lower().endswith((".ckpt", ".pt", ".pth", ".bin")) and not config.model.allow_pickle_checkpoint:
+        out.append(Finding("error", "E14", "model.pretrained_model_name_or_path",
+                           f"{model_path} is a pickle checkpoint, which can run code when loaded",
+                           "use the .safetensors version, or set model.allow_pickle_checkpoint = true for a "
+                           "file you trust"))
     # E13 / W14: a sampling schedule needs prompts, and prompts need a schedule.
     smp = config.sample
     scheduled = smp.sample_every_n_steps or smp.sample_every_n_epochs or smp.sample_at_first

@@ -230,7 +230,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         sd.unet.enable_gradient_checkpointing()
         sd.unet.train()  # diffusers only checkpoints in training mode; the SD UNet has no dropout
         if train_te:
-            sd.text_encoder.gradient_checkpointing_enable()
+            # transformers 5 renamed it; older releases only have the first name
+            getattr(sd.text_encoder, "activation_checkpointing_enable", sd.text_encoder.gradient_checkpointing_enable)()
             sd.text_encoder.train()
     network.train()
 
@@ -327,8 +328,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         if sampler is not None:
             started = time.time()
             made = sampler.make_round(label, device, accelerator.autocast, [sd.unet, sd.text_encoder, network])
-            grid = sampler.update_grid([lb for lb in sample_rounds if sample_rounds[lb]["step"] <= step],
-                                       f"{out.output_name or run_dir.name}: samples by round ({config.sample.sample_sampler})")
+            title = f"{out.output_name or run_dir.name}: samples by round ({config.sample.sample_sampler})"
+            grid = sampler.update_grid([lb for lb in sample_rounds if sample_rounds[lb]["step"] <= step], title)
             if logging_dir:
                 import numpy as np
 

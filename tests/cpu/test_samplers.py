@@ -41,7 +41,7 @@ def test_sampler_makes_an_image(sd, name):
     with inference_mode(sd.unet, sd.text_encoder):
         image = generate(pipe, sd, prompt, 1, torch.device("cpu"), None, None)
     assert image.size == (64, 96)
-    assert len(set(image.getdata())) > 10  # a picture, not a flat fill
+    assert len(image.getcolors(1 << 16) or []) > 10  # a picture, not a flat fill
 
 
 def test_v_parameterization_sets_the_prediction_type(sd):

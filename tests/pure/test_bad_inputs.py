@@ -94,6 +94,8 @@ CASES = [
          names=["sample.sample_prompts", "E13", "no prompt file"]),
     Case("bad value in a prompt file", GOOD + "[sample]\nsample_prompts = 'p.txt'\nsample_at_first = true\n",
          files={"p.txt": "a cat --w wide\n"}, exit_code=3, names=["sample.sample_prompts", "line 1", "--w"]),
+    Case("pickle checkpoint without opt-in", GOOD.replace("tiny:sd15", "model.ckpt"),
+         names=["model.pretrained_model_name_or_path", "E14", "allow_pickle_checkpoint"]),
     Case("unknown sampler", GOOD + "[sample]\nsample_sampler = 'euler_ancestral'\n",
          names=["sample.sample_sampler"]),
     Case("train with a bad config", GOOD + "[optimizer]\nlr_scheduler = 'adafactor'\n", command="train",

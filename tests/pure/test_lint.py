@@ -117,6 +117,21 @@ def test_e11_float_warmup_at_least_one(tmp_path):
     assert "E10" not in codes(tmp_path, sets=["optimizer.lr_scheduler='cosine'", "optimizer.lr_warmup_steps=0.5"])
 
 
+def test_e13_w14_sampling_needs_prompts_and_a_schedule(tmp_path):
+    assert codes(tmp_path, sets=["sample.sample_every_n_steps=10"])["E13"] == ["sample.sample_prompts"]
+    assert "W14" in codes(tmp_path, sets=["sample.sample_prompts='p.txt'"])
+    both = codes(tmp_path, sets=["sample.sample_prompts='p.txt'", "sample.sample_at_first=true"])
+    assert "E13" not in both and "W14" not in both
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.PT"])
+def test_e14_pickle_checkpoints_need_the_opt_in(tmp_path, name):
+    model = f"model.pretrained_model_name_or_path='{name}'"
+    assert "E14" in codes(tmp_path, sets=[model])
+    assert "E14" not in codes(tmp_path, sets=[model, "model.allow_pickle_checkpoint=true"])
+    assert "E14" not in codes(tmp_path, sets=["model.pretrained_model_name_or_path='model.safetensors'"])
+
+
 # --- warnings -----------------------------------------------------------------------------
 
 def test_w1_alpha_above_dim(tmp_path):

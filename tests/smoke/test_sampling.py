@@ -11,7 +11,8 @@ from loracli.imagegrid import MIN_CELL, Layout, grid_size
 from tests.pure.cli_helpers import run_cli
 from tests.smoke.test_train import train
 
-PROMPTS = "# two prompts, small and quick\nthing0, color 0 --w 64 --h 64 --s 3 --d 5\nthing3 --n blurry --w 64 --h 64 --s 3\n"
+PROMPTS = ("# two prompts, small and quick\n"
+           "thing0, color 0 --w 64 --h 64 --s 3 --d 5\nthing3 --n blurry --w 64 --h 64 --s 3\n")
 
 
 def test_samples_at_the_planned_steps_with_grid_and_tensorboard(smoke_project):
