@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -64,24 +62,10 @@ def _write_files(folder: Path) -> None:
 
 def ensure_tokenizer_files(cache_dir: Path | None = None) -> Path:
     """The folder holding vocab.json and merges.txt, written on first use (atomically)."""
-    from loracli.run.tiny_model import cache_root
+    from loracli.run.tiny_model import build_cached_folder, cache_root
 
-    root = cache_dir or cache_root()
-    target = root / CACHE_NAME
-    if (target / "vocab.json").is_file() and (target / "merges.txt").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}-", dir=root))
-    try:
-        _write_files(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "vocab.json").is_file():  # lost a race to a complete folder: fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    # merges.txt is written last: its presence means the folder is complete
+    return build_cached_folder((cache_dir or cache_root()) / CACHE_NAME, "merges.txt", _write_files)
 
 
 @lru_cache(maxsize=4)

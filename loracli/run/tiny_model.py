@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 TINY_VERSION = 2
@@ -91,20 +92,22 @@ def ensure_tiny_model(name: str, cache_dir: Path | None = None) -> Path:
 
         raise ConfigError(Problem("model.pretrained_model_name_or_path", f"unknown built-in model {name!r}",
                                   f"built-in models: {', '.join(TINY_MODELS)}"))
-    root = cache_dir or cache_root()
-    target = root / TINY_MODELS[name]
-    if (target / "model_index.json").is_file():
+    return build_cached_folder((cache_dir or cache_root()) / TINY_MODELS[name], "model_index.json", build_tiny_sd15)
+
+
+def build_cached_folder(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """target, built by `build` on first use. It builds beside the target and renames into place,
+    so two processes building at once never see (or leave) a half-written folder."""
+    if (target / marker).is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename into place: two processes building at once
-    # never see (or leave) a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_sd15(tmp)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / "model_index.json").is_file():  # lost a race to a complete model: fine
+            if not (target / marker).is_file():  # lost a race to a complete folder: fine
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
