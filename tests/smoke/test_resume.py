@@ -14,7 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 SETS = ["training.max_train_epochs=10", "output.save_every_n_epochs=2", "output.save_state_every_n_steps=1",
-        "optimizer.lr_scheduler='cosine'"]
+        "optimizer.lr_scheduler='cosine'",
+        # sampling between steps must neither be redone nor skipped, nor disturb the seeded stream
+        "sample.sample_prompts='prompts.txt'", "sample.sample_every_n_steps=7"]
+
+
+@pytest.fixture(autouse=True)
+def prompts(smoke_project):
+    (smoke_project.parent / "prompts.txt").write_text("thing0 --w 64 --h 64 --s 2\n")
 
 
 def command(cfg: Path, *extra: str) -> list[str]:
@@ -54,6 +61,9 @@ def assert_same_outcome(run: Path, reference: Path) -> None:
     assert files == sorted(p.name for p in reference.glob("*.safetensors")) == sorted(plan["expected_files"])
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, plan["total_steps"] + 1))  # same numbering, nothing twice
+    samples = sorted(p.name for p in (run / "samples").glob("smoke_*.png"))
+    assert samples == sorted(p.name for p in (reference / "samples").glob("smoke_*.png"))
+    assert samples == [f"smoke_{r['step']:06d}_00.png" for r in plan["sample_rounds"]]
     mine, theirs = load_file(run / "smoke.safetensors"), load_file(reference / "smoke.safetensors")
     # Same seeds, data order, RNG and schedule on one CPU: equal up to float summation order.
     for key in theirs:
