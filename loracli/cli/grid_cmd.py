@@ -27,15 +27,28 @@ def parse_numbers(text: str, option: str, kind: type) -> list:
     return values
 
 
-def _saved_steps(path: Path) -> int:
-    """ss_steps from the file's metadata (training order); files without it sort last."""
+def _training_point(path: Path) -> tuple[int | None, int | None]:
+    """(ss_epoch, ss_steps) from the file's metadata; None where absent or unreadable."""
     from loracli.safetensors_header import read_header
 
     try:
-        value = read_header(path).metadata.get("ss_steps")
-        return int(value) if value is not None else 1 << 62
-    except Exception:  # unreadable files are reported when loaded
-        return 1 << 62
+        meta = read_header(path).metadata
+    except Exception:  # noqa: BLE001 - unreadable files are reported when loaded
+        return None, None
+    values = [meta.get(k) for k in ("ss_epoch", "ss_steps")]
+    return tuple(int(v) if v is not None and str(v).isdigit() else None for v in values)  # type: ignore[return-value]
+
+
+def _saved_steps(path: Path) -> int:
+    """Training order; files without ss_steps sort last."""
+    steps = _training_point(path)[1]
+    return steps if steps is not None else 1 << 62
+
+
+def row_label(path: Path) -> str:
+    epoch, steps = _training_point(path)
+    point = ", ".join(f"{name} {value}" for name, value in (("epoch", epoch), ("step", steps)) if value is not None)
+    return f"{path.stem} ({point})" if point else path.stem
 
 
 def run_files(run_dir: Path) -> list[Path]:
@@ -157,7 +170,7 @@ def render(files, prompts, strengths, seeds, base, model_cfg, run_config, sample
         allow_pickle=allow_pickle or bool(model_cfg.get("allow_pickle_checkpoint", False)),
         clip_skip=model_cfg.get("clip_skip"),
         max_token_length=(run_config or {}).get("dataset", {}).get("max_token_length"),
-        sampler=sampler, out_dir=out_dir,
+        sampler=sampler, out_dir=out_dir, row_labels=[row_label(f) for f in files],
     )
     chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
     columns = [TextColumn("grid"), BarColumn(), TextColumn("{task.completed}/{task.total} images"),

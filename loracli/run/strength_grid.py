@@ -38,7 +38,7 @@ class GridJob:
     max_token_length: int | None = None
     sampler: str = "ddim"
     out_dir: Path = Path("grids")
-    title: str = ""
+    row_labels: list[str] | None = None  # default: the file names
 
     @property
     def image_count(self) -> int:
@@ -99,7 +99,7 @@ def render_grids(job: GridJob, device: str, on_image: Callable[[], None] = lambd
         finally:
             unhook(network)
     written = []
-    rows = [path.stem for path in job.files]
+    rows = job.row_labels or [path.stem for path in job.files]
     cols = [f"strength {strength:g}" for strength in job.strengths]
     for p, prompt in enumerate(job.prompts):
         for k, seed in enumerate(job.seeds):
