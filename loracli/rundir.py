@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import time
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +32,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def settle_seed(resolved: ResolvedConfig) -> None:
+    """sd-scripts draws a random seed when none is given; draw it here so the run folder records it
+    and the run can be repeated."""
+    if resolved.config.training.seed is None:
+        training = resolved.config.training.model_copy(update={"seed": random.randint(0, 2**32 - 1)})
+        resolved.config = resolved.config.model_copy(update={"training": training})
+        resolved.origins["training.seed"] = "drawn at random"
 
 
 def create_run_dir(config: LoracliConfig) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +16,11 @@ from loracli.cli.plan_view import check_strict, print_plan
 from loracli.config.loader import ResolvedConfig
 from loracli.errors import ConfigError, Problem
 from loracli.plan import build_plan
-from loracli.rundir import create_run_dir, write_run_files
+from loracli.rundir import create_run_dir, settle_seed, write_run_files
 
 
 def run_train(resolved: ResolvedConfig, strict: bool) -> None:
-    if resolved.config.training.seed is None:
-        # sd-scripts draws a random seed when none is given; record it so the run can be repeated.
-        seed = random.randint(0, 2**32 - 1)
-        config = resolved.config.model_copy(
-            update={"training": resolved.config.training.model_copy(update={"seed": seed})}
-        )
-        resolved.config = config
-        resolved.origins["training.seed"] = "drawn at random"
+    settle_seed(resolved)
     plan = build_plan(resolved)
     print_plan(resolved, plan)
     check_strict(plan, strict)

@@ -12,7 +12,6 @@ exit status ("No data found" exits 0) and for progress, which status.json record
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from typing import IO
 from loracli.config.loader import ResolvedConfig
 from loracli.errors import ConfigError, DatasetError, Interrupted, Problem, TrainingError
 from loracli.plan import Plan, build_plan
-from loracli.rundir import atomic_write_json, create_run_dir, write_run_files
+from loracli.rundir import atomic_write_json, create_run_dir, settle_seed, write_run_files
 from loracli.sdscripts.export import (
     TRAIN_SCRIPT,
     accelerate_options,
@@ -217,11 +216,7 @@ def run_train_sd_scripts(resolved: ResolvedConfig, strict: bool, sd_scripts_dir:
     from loracli.cli.plan_view import check_strict, print_plan
 
     checkout = find_checkout(sd_scripts_dir)
-    if resolved.config.training.seed is None:
-        # As loracli's own trainer: draw the seed here so the run folder records it and the run can be repeated.
-        training = resolved.config.training.model_copy(update={"seed": random.randint(0, 2**32 - 1)})
-        resolved.config = resolved.config.model_copy(update={"training": training})
-        resolved.origins["training.seed"] = "drawn at random"
+    settle_seed(resolved)
     plan = build_plan(resolved)
     print_plan(resolved, plan)
     check_strict(plan, strict)
