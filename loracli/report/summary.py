@@ -90,7 +90,8 @@ def summarize_run(run_dir: Path, curves: bool = True) -> dict[str, Any]:
         "epochs": plan.get("epochs"),
         "started_at": started,
         "wall_seconds": wall,
-        "it_per_s": step / wall if wall and step else None,
+        # a resumed run's status covers its last process only: count the steps that process made
+        "it_per_s": (step - (status.get("start_step") or 0)) / wall if wall and step else None,
         **_loss_stats(records),
         "logged_steps": len(records),
         "files": _saved_files(run_dir),

@@ -132,13 +132,19 @@ class SampleMaker:
     def make_round(self, label: str, device: torch.device, autocast, modules: list[torch.nn.Module]
                    ) -> list[tuple[SamplePrompt, Path, Image.Image]]:
         made = []
-        with inference_mode(*modules), autocast():
-            for p in self.prompts:
-                image = generate(self.pipe, self.sd, p, prompt_seed(p, self.base_seed), device,
-                                 self.max_token_length, self.clip_skip)
-                path = self.image_path(label, p)
-                save_png_atomic(image, path)
-                made.append((p, path, image))
+        vae = self.sd.vae
+        parked = next(vae.parameters()).device  # latent caching parks the VAE on the CPU
+        vae.to(device)  # decoding on the GPU takes a fraction of a second; on a CPU, seconds per image
+        try:
+            with inference_mode(*modules), autocast():
+                for p in self.prompts:
+                    image = generate(self.pipe, self.sd, p, prompt_seed(p, self.base_seed), device,
+                                     self.max_token_length, self.clip_skip)
+                    path = self.image_path(label, p)
+                    save_png_atomic(image, path)
+                    made.append((p, path, image))
+        finally:
+            vae.to(parked)
         return made
 
     def update_grid(self, labels: list[str], title: str) -> Path:

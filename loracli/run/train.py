@@ -110,8 +110,10 @@ class StatusFile:
     def __init__(self, run_dir: Path, total_steps: int):
         self.path = run_dir / "status.json"
         self.enabled = int(os.environ.get("RANK", "0")) == 0  # one writer: the main process
-        self.data = {"state": "running", "step": 0, "epoch": 0, "total_steps": total_steps, "last_save": None,
-                     "error": None, "started_at": time.time(), "updated_at": time.time(), "pid": os.getpid()}
+        # start_step: where this process began (a resumed run), so it/s counts only its own steps
+        self.data = {"state": "running", "step": 0, "start_step": 0, "epoch": 0, "total_steps": total_steps,
+                     "last_save": None, "error": None, "started_at": time.time(), "updated_at": time.time(),
+                     "pid": os.getpid()}
         self.write()
 
     def write(self, **changes) -> None:
@@ -277,6 +279,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         loader.rng.setstate(loader_rng_state(state))
         _forget_after(run_dir, global_step)
         log(f"resuming at step {global_step} (epoch {start_epoch}, {skip} batches done)")
+        status.write(step=global_step, start_step=global_step, epoch=start_epoch)
         progress.progress.update(progress.task, completed=global_step)
     if accelerator.is_main_process and logging_dir:
         accelerator.init_trackers(config.logging.log_prefix or "loracli")

@@ -125,6 +125,9 @@ def test_report_summary_numbers(tmp_path):
     losses = [r["loss"] for r in read_metrics(run)]
     assert (s["state"], s["steps"], s["total_steps"], s["epoch"], s["epochs"]) == ("finished", 30, 30, 3, 3)
     assert s["wall_seconds"] == pytest.approx(60) and s["it_per_s"] == pytest.approx(0.5)
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "start_step": 18}))  # resumed at step 18
+    assert summarize_run(run, curves=False)["it_per_s"] == pytest.approx(12 / 60)
     assert s["final_loss"] == losses[-1] and s["final_loss_mean"] == pytest.approx(sum(losses[-10:]) / 10)
     assert s["min_loss"] == min(losses) and s["min_loss_step"] == losses.index(min(losses)) + 1
     assert {f["name"]: (f["steps"], f["epoch"]) for f in s["files"]} == {
