@@ -54,7 +54,8 @@ STARTER = '''# loracli config. Values use sd-scripts' option names; see `loracli
 #   loracli train --preset dadapt-v3 --config loracli.toml
 
 [model]
-# A diffusers model folder, or "tiny:sd15" (a tiny random model for smoke tests on a CPU).
+# A diffusers model folder, an SD1.x/2.x .safetensors file, or "tiny:sd15" (a tiny random model
+# for smoke tests on a CPU). SD2.x: v2 = true (and v_parameterization = true for 768-v models).
 pretrained_model_name_or_path = "tiny:sd15"
 # clip_skip = 2                 # 2 for NAI-derived anime models
 
@@ -82,6 +83,11 @@ max_train_epochs = 10
 output_name = "my-lora"
 output_dir = "runs"
 # save_every_n_epochs = 2
+
+# [sample]                      # sample images in RUN/samples/ and samples/grid.png
+# sample_prompts = "prompts.txt" # one prompt per line: text --n negative --w 512 --h 768 --d 42 --s 28
+# sample_every_n_epochs = 1
+# sample_sampler = "euler_a"
 '''
 
 
