@@ -40,6 +40,8 @@ SUBSET_LEVEL = {
     "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
     "flip_aug", "color_aug", "random_crop",
 }
+# One CLIP window: sd-scripts spells this as "no --max_token_length".
+TOKEN_WINDOW = 75
 LYCORIS_SWITCHES = ("use_tucker", "use_scalar", "train_norm", "rank_dropout_scale")
 LORA_ONLY_REASON = 'not used by algo=lora (loracli trains no 3x3 convs with plain LoRA); set network.algo = "locon"'
 
@@ -107,6 +109,13 @@ def _report_changed(net: Any, keys: tuple[str, ...], exp: Export) -> None:
 def _network(config: LoracliConfig, exp: Export, args: dict[str, Any]) -> None:
     net = config.network
     module = net.module_name
+    if net.algo == "lora" and module == "lycoris.kohya":
+        # LyCORIS defaults conv_dim to network_dim and its preset=full wraps the ResNet 3x3 convs, which
+        # loracli's plain LoRA never trains; kohya's networks.lora wraps the same layers loracli does.
+        module = "networks.lora"
+        exp.warnings.append("network.network_module: algo=lora is exported as networks.lora; lycoris.kohya "
+                            "would also train the 3x3 convs (conv_dim defaults to network_dim there), which "
+                            "loracli does not")
     args["network_module"] = module
     items: list[str] = []
     if module == "lycoris.kohya":
@@ -164,6 +173,8 @@ def training_args(config: LoracliConfig, exp: Export, output_dir: Path | None = 
             continue
         if value is None:
             continue
+        if m.key == "dataset.max_token_length" and value == TOKEN_WINDOW:
+            continue  # sd-scripts' unset value means 75; its argparse choices are only 150 and 225
         if m.optimizer_args:
             items = _optimizer_items(value, exp)
             if items:

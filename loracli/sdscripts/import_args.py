@@ -121,6 +121,11 @@ def import_args(args: dict[str, Any], result: ImportResult, *, prefix: str = "",
         if dotted is not None:
             if isinstance(value, list) and len(value) == 1 and dotted != "optimizer.optimizer_args":
                 value = value[0]  # nargs options (text_encoder_lr) given one value
+            elif name == "text_encoder_lr" and isinstance(value, list) and value:
+                # SD1/2 networks have one text encoder: train_network.py uses the first value (kohya_ss writes two)
+                if len(set(value)) > 1:
+                    result.note(f"{label}: {value} given; an SD1.x/2.x network uses only the first, {value[0]!r}")
+                value = value[0]
             if value is None or value == "" or value == []:
                 result.unset(label)
                 continue
@@ -243,8 +248,11 @@ def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[st
     result.set("network.network_module", "lycoris.kohya", mod_label)
     algo = items.pop("algo", "lora").strip().lower()
     algo_label = item_label("algo")
-    if algo == "lora":  # LyCORIS' "lora" is LoCon (convs with conv_dim)
-        algo = "locon" if "conv_dim" in items else "lora"
+    if algo == "lora":
+        # LyCORIS' "lora" is LoCon: without conv_dim it takes network_dim, and preset=full wraps the 3x3 convs
+        algo = "locon"
+        result.note(f"{algo_label}: LyCORIS algo=lora also trains the 3x3 convs (conv_dim defaults to "
+                    "network_dim), which is loracli's network.algo = \"locon\"")
     if algo in LORACLI_ALGOS:
         result.set("network.algo", algo, algo_label if "algo" in _keys(raw_items) else mod_label)
     else:

@@ -26,9 +26,11 @@ LORA_TYPES: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     "LyCORIS/LoCon": ("lycoris.kohya", "locon", LYCORIS_KEYS),
     "LyCORIS/LoHa": ("lycoris.kohya", "loha", LYCORIS_KEYS),
     "LyCORIS/LoKr": ("lycoris.kohya", "lokr",
-                     ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "factor", "use_cp", "use_scalar",
-                      "decompose_both", "rank_dropout_scale", "train_norm")),
+                     ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "factor", "use_tucker", "use_cp",
+                      "use_scalar", "decompose_both", "rank_dropout_scale", "train_norm")),
 }
+# LyCORIS switches the GUI passes for LoCon/LoHa/LoKr that loracli's networks do not implement.
+LYCORIS_UNSUPPORTED = {"bypass_mode", "dora_wd"}
 # Every network-shaping GUI key: used by some LoRA types, ignored by the others.
 NETWORK_KEYS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "use_tucker", "use_scalar",
                 "rank_dropout_scale", "train_norm", "factor", "use_cp", "decompose_both", "train_on_input", "unit",
@@ -221,13 +223,17 @@ def _learning_rates(data: dict[str, Any], take: Any, result: ImportResult, args:
         else:
             result.unset("optimizer_args")
     warmup = take("lr_warmup")
+    # The GUI passes a set lr_warmup_steps (> 0) as a step count and then ignores the lr_warmup percent.
+    steps_win = (_number(data.get("lr_warmup_steps")) or 0) > 0
     if "lr_warmup" in data:
         percent = _number(warmup) or 0.0
         scheduler = data.get("lr_scheduler")
         if percent <= 0:
             result.unset("lr_warmup")
+        elif steps_win:
+            result.skip("lr_warmup", f"{warmup}% is ignored: kohya_ss passes lr_warmup_steps when both are set")
         elif scheduler == "constant":
-            result.skip("lr_warmup", f"{warmup}% is ignored by kohya_ss with the constant scheduler "
+            result.skip("lr_warmup", f"{warmup}% with the constant scheduler: sd-scripts refuses a warmup there "
                                      "(use constant_with_warmup to keep a warmup)")
         elif percent >= 100:
             result.skip("lr_warmup", f"{warmup}% warms up for the whole run; set optimizer.lr_warmup_steps by hand")
@@ -354,6 +360,8 @@ def _network(data: dict[str, Any], take: Any, result: ImportResult, args: _Args)
                 result.unset(key)
             elif key in BLOCK_KEYS:
                 result.skip(key, "block-wise dims, alphas and learning rates are not supported by loracli")
+            elif algo is not None and key in LYCORIS_UNSUPPORTED:
+                result.skip(key, f"kohya_ss passes {key}={value} to LyCORIS; loracli does not support it")
             else:
                 result.skip(key, f"not used by LoRA_type {lora_type} (kohya_ss does not pass it)")
             continue

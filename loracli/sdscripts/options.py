@@ -51,6 +51,11 @@ Value forms (what export writes and import must read back):
    - `text_encoder_lr` (nargs='*' in train_network.py): a one-element list, `[5e-05]`.
    - `lr_warmup_steps`: an int counts steps; a float below 1 is a ratio (the
      pinned sd-scripts reads both).
+   - `max_token_length`: 150 or 225 (argparse choices); loracli's 75 is sd-scripts'
+     unset value, so export leaves it out.
+   - algo=lora is always `networks.lora`: LyCORIS' algo=lora takes conv_dim =
+     network_dim and wraps the 3x3 convs under preset=full (that is loracli's locon,
+     which is how import reads it).
 """
 
 from __future__ import annotations

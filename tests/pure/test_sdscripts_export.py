@@ -152,10 +152,22 @@ def test_lycoris_algorithms_go_through_network_args(algo):
 def test_plain_lora_uses_networks_lora():
     flat = export_for([]).flat_args()
     assert flat["network_module"] == "networks.lora" and "network_args" not in flat
-    # lora through lycoris.kohya: loracli trains no 3x3 convs for it, so conv_dim is reported, not passed on
+    # lora through lycoris.kohya: LyCORIS would default conv_dim to network_dim and its preset=full wraps the
+    # ResNet 3x3 convs (lycoris/kohya.py create_network), which loracli's plain LoRA never trains; kohya's
+    # networks.lora wraps the same layers, so that is what is exported (with a warning), conv_dim reported.
     exp = export_for(["locon"], ['network.algo="lora"'])
-    assert exp.flat_args()["network_args"] == ["algo=lora", "preset=full"]
+    flat = exp.flat_args()
+    assert flat["network_module"] == "networks.lora" and "network_args" not in flat
     assert [key for key, _ in exp.unsupported] == ["network.conv_dim", "network.conv_alpha"]
+    assert any("exported as networks.lora" in w for w in exp.warnings)
+
+
+def test_default_token_length_is_left_out():
+    # sd-scripts' --max_token_length takes only 150 or 225 (choices); 75 is its unset value
+    assert "max_token_length" not in export_for([], ["dataset.max_token_length=75"]).flat_args()
+    assert export_for([], ["dataset.max_token_length=150"]).flat_args()["max_token_length"] == 150
+    spec = options.load_option_table()["max_token_length"]
+    assert 75 not in spec.choices
 
 
 def test_python_literals_round_trip():

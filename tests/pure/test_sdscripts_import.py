@@ -84,6 +84,27 @@ def test_sd_scripts_defaults_are_kept_when_the_toml_leaves_them_out(tmp_path):
     assert any("1600" in n for n in result.notes)
 
 
+@pytest.mark.parametrize("network_args", ['["algo=lora", "preset=full"]', '["preset=full"]'])
+def test_lycoris_algo_lora_is_locon(tmp_path, network_args):
+    # LyCORIS create_network: algo defaults to lora, conv_dim to network_dim, and preset=full wraps the
+    # ResNet 3x3 convs; so sd-scripts trains the convs, which is loracli's locon (conv_dim unset = dim).
+    (tmp_path / "c.toml").write_text('pretrained_model_name_or_path = "/m"\ntrain_data_dir = "/d"\n'
+                                     'network_module = "lycoris.kohya"\nnetwork_dim = 8\n'
+                                     f"network_args = {network_args}\n")
+    network = import_file(tmp_path / "c.toml").values["network"]
+    assert network["network_module"] == "lycoris.kohya" and network["algo"] == "locon"
+    assert "conv_dim" not in network
+
+
+def test_text_encoder_lr_list_of_two_reads_the_first(tmp_path):
+    # --text_encoder_lr is nargs='*' (train_network.py setup_parser); kohya_ss writes [te, te]
+    (tmp_path / "c.toml").write_text('pretrained_model_name_or_path = "/m"\ntrain_data_dir = "/d"\n'
+                                     'network_module = "networks.lora"\ntext_encoder_lr = [5e-5, 5e-5]\n')
+    result = import_file(tmp_path / "c.toml")
+    assert result.values["optimizer"]["text_encoder_lr"] == 5e-5
+    write_and_resolve(result, tmp_path)
+
+
 def test_dataset_toml_that_the_folder_tree_cannot_express(tmp_path):
     img = tmp_path / "img"
     for name in ("5_sks dog", "3_other", "7_unlisted"):
@@ -196,6 +217,34 @@ def test_kohya_ss_unsupported_lora_type_and_warmup_with_constant(tmp_path):
     assert "not supported" in result.unsupported["LoRA_type"]
     assert "constant" in result.unsupported["lr_warmup"]
     assert "lr_warmup_steps" not in result.values["optimizer"]
+
+
+def test_kohya_ss_warmup_steps_win_over_the_percent(tmp_path):
+    # kohya_gui/lora_gui.py train_model: lr_warmup_steps > 0 is passed as is and lr_warmup (percent) ignored
+    data = json.loads((DATA / "kohya_ss_locon.json").read_text())
+    data.update({"lr_scheduler": "cosine", "lr_warmup": 10, "lr_warmup_steps": 25})
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    result = import_file(tmp_path / "p.json")
+    assert result.values["optimizer"]["lr_warmup_steps"] == 25
+    assert "lr_warmup_steps" in result.unsupported["lr_warmup"]
+    data["lr_warmup_steps"] = 0  # unset: the percent becomes a ratio
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    assert import_file(tmp_path / "p.json").values["optimizer"]["lr_warmup_steps"] == 0.1
+
+
+def test_kohya_ss_lokr_passes_use_tucker(tmp_path):
+    # the GUI writes use_tucker=... into LoKr's network_args too
+    data = json.loads((DATA / "kohya_ss_locon.json").read_text())
+    data.update({"LoRA_type": "LyCORIS/LoKr", "use_tucker": True, "factor": 4})
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    result = import_file(tmp_path / "p.json")
+    assert result.values["network"]["use_tucker"] is True
+    assert "use_tucker" not in result.unsupported
+    # dora_wd is passed by the GUI for LyCORIS types: reported as unsupported by loracli, not as unused
+    data.update({"dora_wd": True})
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    reason = import_file(tmp_path / "p.json").unsupported["dora_wd"]
+    assert "loracli does not support" in reason and "does not pass" not in reason
 
 
 # --- shell scripts ---------------------------------------------------------------------------------------------
