@@ -25,6 +25,7 @@ from loracli.errors import ConfigError, DatasetError
 from loracli.run.models import load_sd_components
 from tests.pure.cli_helpers import run_cli
 from tests.smoke.ldm_checkpoint import build_tiny_modules, write_checkpoint
+from tests.smoke.test_train import assert_diffusers_loads
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERNET = (socket.AF_INET, socket.AF_INET6)
@@ -123,13 +124,7 @@ def test_trains_on_an_original_layout_file_with_the_network_disabled(smoke_proje
     pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
                                    scheduler=sd.noise_scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    g = torch.Generator().manual_seed(0)
-    latents, hidden = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
-    with torch.no_grad():
-        base = pipe.unet(latents, torch.tensor([500]), hidden).sample
-        pipe.load_lora_weights(str(lora))
-        loaded = pipe.unet(latents, torch.tensor([500]), hidden).sample
-    assert not torch.allclose(base, loaded, atol=1e-6)
+    assert_diffusers_loads(lora, pipe)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["sd1", "sd2"])

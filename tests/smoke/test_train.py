@@ -51,12 +51,15 @@ def test_each_algo_learns(smoke_project, algo):
         assert_diffusers_loads(run / "smoke.safetensors")
 
 
-def assert_diffusers_loads(path: Path) -> None:
+def assert_diffusers_loads(path: Path, pipe=None) -> None:
+    """diffusers' load_lora_weights takes the file and it changes what the UNet computes
+    (on tiny:sd15, or on the given pipeline)."""
     from diffusers import StableDiffusionPipeline
 
     from loracli.run.tiny_model import ensure_tiny_model
 
-    pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_model("tiny:sd15"), local_files_only=True)
+    if pipe is None:
+        pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_model("tiny:sd15"), local_files_only=True)
     g = torch.Generator().manual_seed(0)
     latents, hidden = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
