@@ -210,12 +210,7 @@ def _learning_rates(data: dict[str, Any], take: Any, result: ImportResult, args:
     elif unet_n > 0 and te_n == 0 and "text_encoder_lr" in data:
         args.put("network_train_unet_only", True, "text_encoder_lr")
         result.note("text_encoder_lr 0 with unet_lr set: kohya_ss trains the UNet only")
-    if "optimizer" in data:
-        value = take("optimizer")
-        if _empty(value):
-            result.unset("optimizer")
-        else:
-            args.put("optimizer_type", value, "optimizer")
+    _pass_if_set(data, take, result, args, "optimizer", "optimizer_type")
     if "optimizer_args" in data:
         value = take("optimizer_args")
         if isinstance(value, str) and value.strip():
@@ -254,13 +249,18 @@ def _learning_rates(data: dict[str, Any], take: Any, result: ImportResult, args:
         result.note(f"lr_scheduler_num_cycles: unset, so kohya_ss uses the epoch count ({data['epoch']})")
 
 
-def _resolution_and_buckets(data: dict[str, Any], take: Any, result: ImportResult, args: _Args) -> None:
-    if "max_resolution" in data:
-        value = take("max_resolution")
+def _pass_if_set(data: dict[str, Any], take: Any, result: ImportResult, args: _Args, key: str, arg: str) -> None:
+    """A GUI key passed as the sd-scripts argument `arg` when it holds a value; empty ones are unset."""
+    if key in data:
+        value = take(key)
         if _empty(value):
-            result.unset("max_resolution")
+            result.unset(key)
         else:
-            args.put("resolution", value, "max_resolution")
+            args.put(arg, value, key)
+
+
+def _resolution_and_buckets(data: dict[str, Any], take: Any, result: ImportResult, args: _Args) -> None:
+    _pass_if_set(data, take, result, args, "max_resolution", "resolution")
     if "enable_bucket" in data:
         on = bool(take("enable_bucket"))
         args.put("enable_bucket", on, "enable_bucket")
@@ -318,12 +318,7 @@ def _misc(data: dict[str, Any], take: Any, result: ImportResult, args: _Args) ->
                 result.unset(key)
             else:
                 args.put(key, int(value), key)
-    if "lora_network_weights" in data:
-        value = take("lora_network_weights")
-        if _empty(value):
-            result.unset("lora_network_weights")
-        else:
-            args.put("network_weights", value, "lora_network_weights")
+    _pass_if_set(data, take, result, args, "lora_network_weights", "network_weights")
 
 
 def _network(data: dict[str, Any], take: Any, result: ImportResult, args: _Args) -> None:
