@@ -56,13 +56,15 @@ def adafactor_uses_relative_step(optimizer_type: str, optimizer_args: Mapping[st
     return bool(optimizer_args.get("relative_step", True)) or bool(optimizer_args.get("warmup_init", False))
 
 
-def effective_te_lr(config: LoracliConfig) -> float:
+def effective_te_lrs(config: LoracliConfig, encoders: int = 1) -> list[float]:
+    """The lr of each text encoder (SDXL has two): text_encoder_lr, else learning_rate."""
     opt = config.optimizer
-    return opt.text_encoder_lr if opt.text_encoder_lr is not None else opt.learning_rate
+    lrs = [opt.text_encoder_lr_for(i) for i in range(encoders)]
+    return [opt.learning_rate if lr is None else lr for lr in lrs]
 
 
-def trains_text_encoder(config: LoracliConfig) -> bool:
-    return not config.network.network_train_unet_only and effective_te_lr(config) != 0
+def trains_text_encoder(config: LoracliConfig, encoders: int = 1) -> bool:
+    return not config.network.network_train_unet_only and any(lr != 0 for lr in effective_te_lrs(config, encoders))
 
 
 def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, str]) -> list[Finding]:
@@ -171,7 +173,9 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
     if is_adaptive(optimizer):
         # W2: adaptive optimizers expect lr around 1 in every group.
         for key, lr in (("optimizer.learning_rate", opt.learning_rate),
-                        ("optimizer.unet_lr", opt.unet_lr), ("optimizer.text_encoder_lr", opt.text_encoder_lr)):
+                        ("optimizer.unet_lr", opt.unet_lr),
+                        *(("optimizer.text_encoder_lr", lr) for lr in
+                          (opt.text_encoder_lr if isinstance(opt.text_encoder_lr, list) else [opt.text_encoder_lr]))):
             if lr is not None and lr != 0 and not 0.1 <= lr <= 2:
                 out.append(Finding("warning", "W2", key,
                                    f"{optimizer} with lr {lr:g}: adaptive optimizers need lr around 1",

@@ -36,16 +36,22 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     pretrained_model_name_or_path: str = Field(
-        description='A diffusers model folder, a single-file SD1.x/2.x .safetensors checkpoint, or "tiny:sd15" '
-        '(built-in tiny random model for smoke tests).'
+        description='A diffusers model folder, a single-file SD1.x/2.x/SDXL .safetensors checkpoint, "tiny:sd15" '
+        'or "tiny:sdxl" (built-in tiny random models for smoke tests).'
     )
     allow_pickle_checkpoint: bool = Field(
         False, description="Also load .ckpt/.pt single files: they are pickles that can run code; only trusted files."
+    )
+    sdxl: bool | None = Field(
+        None, description="The base model is SDXL (Pony, Illustrious, NoobAI, ...); unset: detected from the model."
     )
     v2: bool = Field(False, description="The base model is SD 2.x.")
     v_parameterization: bool = Field(False, description="Train with v-prediction targets (SD 2.x 768-v).")
     clip_skip: int | None = Field(
         None, ge=1, le=12, description="Use the n-th last text-encoder layer (2 for NAI-derived anime models)."
+    )
+    no_half_vae: bool = Field(
+        False, description="Keep the VAE in fp32 under fp16/bf16 (the stock SDXL VAE makes NaNs in fp16)."
     )
 
 
@@ -149,7 +155,9 @@ class OptimizerSection(Section):
     optimizer_type: str = Field("AdamW", description="AdamW, AdamW8bit, DAdaptAdam, Prodigy, ..., or module.Class.")
     learning_rate: float = Field(2e-6, ge=0, description="Default lr for both groups (sd-scripts default 2e-6).")
     unet_lr: float | None = Field(None, ge=0)
-    text_encoder_lr: float | None = Field(None, ge=0)
+    text_encoder_lr: float | list[float] | None = Field(
+        None, description="lr of the text encoder(s): one value, or one per encoder for SDXL ([te1, te2])."
+    )
     optimizer_args: dict[str, OptimizerArg] = Field(
         default_factory=dict, description="Keyword arguments of the optimizer, as typed TOML values."
     )
@@ -158,6 +166,23 @@ class OptimizerSection(Section):
     lr_scheduler_num_cycles: int = Field(1, ge=1)
     lr_scheduler_power: float = 1.0
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables.")
+
+    @field_validator("text_encoder_lr")
+    @classmethod
+    def _te_lrs(cls, v: float | list[float] | None) -> float | list[float] | None:
+        values = v if isinstance(v, list) else [] if v is None else [v]
+        if isinstance(v, list) and not 1 <= len(v) <= 2:
+            raise ValueError("give one value, or two for SDXL's two text encoders")
+        if any(x < 0 for x in values):
+            raise ValueError("must be >= 0")
+        return v
+
+    def text_encoder_lr_for(self, index: int) -> float | None:
+        """The lr of text encoder `index` (0-based): a single value serves every encoder (sd-scripts)."""
+        v = self.text_encoder_lr
+        if isinstance(v, list):
+            return v[index] if index < len(v) else v[0]
+        return v
 
     @field_validator("lr_warmup_steps")
     @classmethod
@@ -190,6 +215,9 @@ class TrainingSection(Section):
     prior_loss_weight: float = Field(1.0, ge=0)
     cache_text_encoder_outputs: bool = Field(
         False, description="Encode each caption once (needs a frozen text encoder and fixed captions)."
+    )
+    cache_text_encoder_outputs_to_disk: bool = Field(
+        False, description="Also keep the text-encoder outputs on disk (implies cache_text_encoder_outputs)."
     )
 
 
