@@ -15,7 +15,15 @@ from typing import Callable, List, Optional, TypeVar
 import typer
 
 from loracli import __version__
-from loracli.errors import EXIT_INTERRUPTED, ConfigError, LoracliError, Problem
+from loracli.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    ConfigError,
+    Problem,
+    crash_line,
+    from_exception,
+    write_crash_report,
+)
 
 F = TypeVar("F", bound=Callable)
 
@@ -43,20 +51,32 @@ def err(line: str) -> None:
     sys.stderr.write(line + "\n")
 
 
+def report_failure(exc: BaseException) -> int:
+    """The one place where a failure becomes a message: one line per problem (an expected failure
+    class names its file), or one line and a crash report for a bug. Returns the exit code."""
+    known = from_exception(exc)
+    if known is not None:
+        for problem in known.problems:
+            err(f"error: {problem.render()}")
+        return known.exit_code
+    err(f"error: {crash_line(exc, write_crash_report(exc))}")
+    return EXIT_INTERNAL
+
+
 def guarded(fn: F) -> F:
-    """Turn loracli errors into one line per problem and the documented exit code."""
+    """Turn every failure into one line per problem and the documented exit code, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except LoracliError as exc:
-            for problem in exc.problems:
-                err(f"error: {problem.render()}")
-            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
         except KeyboardInterrupt:
             err("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:  # noqa: BLE001 -- mapped to a message or a crash report, never swallowed
+            raise typer.Exit(report_failure(exc)) from None
 
     return wrapper  # type: ignore[return-value]
 

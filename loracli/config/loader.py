@@ -8,6 +8,8 @@ file < --set. Each leaf remembers which layer set it, so errors and
 from __future__ import annotations
 
 import difflib
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +61,18 @@ class ResolvedConfig:
 def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
     """Parse a TOML file; a missing or malformed file is a one-line config error."""
     if not path.is_file():
-        raise ConfigError(Problem(str(path), f"{what} not found", hint="check the path"))
+        found = "not a regular file" if path.exists() else "not found"
+        raise ConfigError(Problem(str(path), f"{what} {found}", hint="check the path"))
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: Windows editors often start a file with a byte-order mark, which TOML does not allow
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
-        raise ConfigError(Problem(str(path), f"{what} is not UTF-8 text")) from None
+        raise ConfigError(Problem(str(path), f"{what} is not UTF-8 text", hint="re-save it as UTF-8")) from None
+    except OSError as exc:
+        raise ConfigError(Problem(str(path), f"cannot read the {what} ({exc.strerror})", "check its permissions")) \
+            from None
+    except RecursionError:
+        raise ConfigError(Problem(str(path), f"{what} is nested too deeply")) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
             Problem(str(path), f"malformed TOML: {exc}", hint="see https://toml.io for the syntax")
@@ -143,10 +152,43 @@ def _did_you_mean(section: str | None, key: str) -> str:
     return f"see `loracli config show --explain` for the keys of [{section}]"
 
 
+# pydantic names the union member it tried in `loc` (`optimizer_args.d0.float`); those are not keys.
+_TYPE_TAG = re.compile(r"^(bool|int|float|str|none|list\[.*\]|tuple\[.*\]|dict\[.*\]|union\[.*\]|"
+                       r"literal\[.*\]|function-.*|lax-or-strict.*|json-or-python.*|is-instance\[.*\])$")
+
+
+def _key_loc(loc: tuple) -> list[str]:
+    """The config key an error is about: its loc up to the first union tag or list index."""
+    out: list[str] = []
+    for part in loc:
+        if isinstance(part, int) or _TYPE_TAG.match(str(part)):
+            break
+        out.append(str(part))
+    return out
+
+
+def _problems_from_errors(errors: list[dict[str, Any]], origins: dict[str, str], layers: list[Layer]) -> list[Problem]:
+    """One problem per key: a value that fails every member of a union gives one line, not one per member."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for err in errors:
+        by_key.setdefault(".".join(_key_loc(err["loc"])), []).append(err)
+    problems = []
+    for group in by_key.values():
+        # A value of the right type but a bad value says the most ("finite number", "greater than"...).
+        telling = [e for e in group if not e["type"].endswith(("_type", "_parsing"))]
+        err = dict((telling or group)[0])
+        if len(group) > 1 and not telling:
+            err["msg"] = "has the wrong type"
+        err["loc"] = tuple(_key_loc(err["loc"])) or err["loc"]
+        problems.append(_problem_from_error(err, origins, layers))
+    return problems
+
+
 def _problem_from_error(err: dict[str, Any], origins: dict[str, str], layers: list[Layer]) -> Problem:
     loc = [str(p) for p in err["loc"]]
     dotted = ".".join(loc)
-    origin = origins.get(dotted) or origins.get(".".join(loc[:2])) or DEFAULT
+    inner = [label for key, label in origins.items() if key.startswith(dotted + ".")]  # a table value
+    origin = origins.get(dotted) or (inner[-1] if inner else None) or origins.get(".".join(loc[:2])) or DEFAULT
     where = dotted
     for layer in layers:  # name the file that holds the bad value
         if layer.label == origin and layer.path is not None:
@@ -170,6 +212,7 @@ def resolve_config(
     layers: list[Layer] = []
     loaded: list[Preset] = []
     problems: list[Problem] = []
+    _check_preset_folders(presets)
     for name in presets:
         preset = load_preset(name)
         loaded.append(preset)
@@ -200,8 +243,20 @@ def resolve_config(
     try:
         config = LoracliConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError([_problem_from_error(e, origins, layers) for e in exc.errors()]) from None
+        raise ConfigError(_problems_from_errors(exc.errors(), origins, layers)) from None
     return ResolvedConfig(_absolute_paths(config), origins, layers, loaded, config_path)
+
+
+def _check_preset_folders(presets: list[str] | tuple[str, ...]) -> None:
+    """LORACLI_PRESETS naming a folder that is not there is an error, not a silently shorter search path."""
+    if not presets:
+        return
+    for entry in os.environ.get("LORACLI_PRESETS", "").split(os.pathsep):
+        if entry and not Path(entry).expanduser().is_dir():
+            found = "is not a folder" if Path(entry).expanduser().exists() else "folder not found"
+            raise ConfigError(Problem(f"LORACLI_PRESETS: {entry}", found,
+                                      "point it at folders of preset .toml files (separated by "
+                                      f"{os.pathsep!r}), or unset it"))
 
 
 def _absolute_paths(config: LoracliConfig) -> LoracliConfig:

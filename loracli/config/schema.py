@@ -30,8 +30,16 @@ Scheduler = Literal[
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 
+# Upper bounds keep the plan's own work bounded (a typo like 1e12 must not loop or fill memory).
+MAX_SIDE = 16384  # pixels: resolution and bucket limits
+MAX_COUNT = 100_000  # epochs, batch sizes, dims and similar counts
+MAX_STEPS = 100_000_000
+MAX_SEED = 2**32 - 1  # sd-scripts seeds numpy, whose seeds must fit 32 bits
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+    # allow_inf_nan=False: NaN and inf are refused in every float at plan time, not found after the model loads
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -60,29 +68,29 @@ class DatasetSection(Section):
     reg_data_dir: Path | None = Field(None, description="Parent folder of regularisation image folders.")
     resolution: Resolution = Field(512, description="Training resolution: 512 or [width, height].")
     enable_bucket: bool = Field(False, description="Aspect-ratio bucketing.")
-    min_bucket_reso: int = Field(256, ge=64)
-    max_bucket_reso: int = Field(1024, ge=64)
-    bucket_reso_steps: int = Field(64, ge=1, description="Bucket size step; a multiple of 64 for SD1.x/2.x.")
+    min_bucket_reso: int = Field(256, ge=64, le=MAX_SIDE)
+    max_bucket_reso: int = Field(1024, ge=64, le=MAX_SIDE)
+    bucket_reso_steps: int = Field(64, ge=1, le=1024, description="Bucket size step; a multiple of 64 for SD1.x/2.x.")
     bucket_no_upscale: bool = Field(False, description="Never enlarge images to fill a bucket.")
     caption_extension: str = Field(".txt", description="Caption file extension (sd-scripts defaults to .caption).")
     shuffle_caption: bool = False
     caption_separator: str = ","
-    keep_tokens: int = Field(0, ge=0)
+    keep_tokens: int = Field(0, ge=0, le=MAX_COUNT)
     keep_tokens_separator: str = ""
     secondary_separator: str | None = None
     caption_prefix: str | None = None
     caption_suffix: str | None = None
     caption_dropout_rate: float = Field(0.0, ge=0, le=1)
-    caption_dropout_every_n_epochs: int = Field(0, ge=0)
+    caption_dropout_every_n_epochs: int = Field(0, ge=0, le=MAX_COUNT)
     caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1)
-    token_warmup_min: int = Field(1, ge=1)
-    token_warmup_step: float = Field(0, ge=0)
+    token_warmup_min: int = Field(1, ge=1, le=MAX_COUNT)
+    token_warmup_step: float = Field(0, ge=0, le=MAX_STEPS)
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
     cache_latents: bool = Field(False, description="Encode images once with the VAE and keep the latents in memory.")
     cache_latents_to_disk: bool = Field(False, description="Also keep latent caches on disk (implies cache_latents).")
-    vae_batch_size: int = Field(1, ge=1)
+    vae_batch_size: int = Field(1, ge=1, le=MAX_COUNT)
     max_token_length: int | None = Field(None, description="75 (default), 150 or 225 tokens.")
 
     @field_validator("resolution")
@@ -91,6 +99,8 @@ class DatasetSection(Section):
         sides = (v, v) if isinstance(v, int) else v
         if min(sides) < 64:
             raise ValueError("resolution must be at least 64 pixels on each side")
+        if max(sides) > MAX_SIDE:
+            raise ValueError(f"resolution must be at most {MAX_SIDE} pixels on each side")
         return v
 
     @field_validator("max_token_length")
@@ -117,9 +127,9 @@ class NetworkSection(Section):
         description="kohya's module name, recorded in metadata; LyCORIS algos always record lycoris.kohya.",
     )
     algo: Literal["lora", "locon", "loha", "lokr"] = Field("lora", description="LoRA or a LyCORIS algorithm.")
-    network_dim: int | None = Field(None, ge=1, description="Rank (4 when unset, as sd-scripts).")
+    network_dim: int | None = Field(None, ge=1, le=MAX_COUNT, description="Rank (4 when unset, as sd-scripts).")
     network_alpha: float = Field(1.0, ge=0, description="Alpha; scale = alpha / dim (0 means alpha = dim).")
-    conv_dim: int | None = Field(None, ge=1, description="Rank of 3x3 conv layers (LoCon/LoHa/LoKr).")
+    conv_dim: int | None = Field(None, ge=1, le=MAX_COUNT, description="Rank of 3x3 conv layers (LoCon/LoHa/LoKr).")
     conv_alpha: float | None = Field(None, ge=0)
     lycoris_preset: Literal["full"] = Field(
         "full", description="LyCORIS target preset; 'full' = kohya's targets for the algorithm."
@@ -162,8 +172,9 @@ class OptimizerSection(Section):
         default_factory=dict, description="Keyword arguments of the optimizer, as typed TOML values."
     )
     lr_scheduler: Scheduler = "constant"
-    lr_warmup_steps: int | float = Field(0, ge=0, description="An int counts steps; a float below 1 is a ratio.")
-    lr_scheduler_num_cycles: int = Field(1, ge=1)
+    lr_warmup_steps: int | float = Field(0, ge=0, le=MAX_STEPS,
+                                         description="An int counts steps; a float below 1 is a ratio.")
+    lr_scheduler_num_cycles: int = Field(1, ge=1, le=MAX_COUNT)
     lr_scheduler_power: float = 1.0
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables.")
 
@@ -195,19 +206,21 @@ class OptimizerSection(Section):
 
 
 class TrainingSection(Section):
-    train_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_train_epochs: int | None = Field(None, ge=1, description="Wins over max_train_steps, as in sd-scripts.")
-    max_train_steps: int | None = Field(None, ge=1)
-    num_processes: int = Field(1, ge=1, description="Processes (GPUs); more than 1 runs through accelerate launch.")
+    train_batch_size: int = Field(1, ge=1, le=MAX_COUNT)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_COUNT)
+    max_train_epochs: int | None = Field(None, ge=1, le=MAX_COUNT,
+                                         description="Wins over max_train_steps, as in sd-scripts.")
+    max_train_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    num_processes: int = Field(1, ge=1, le=1024,
+                               description="Processes (GPUs); more than 1 runs through accelerate launch.")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: int | None = Field(None, ge=0, description="Random when unset (recorded in the run folder).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when unset (recorded in the run folder).")
     gradient_checkpointing: bool = False
     xformers: bool = Field(False, description="Use xformers attention (CUDA only; SDPA is the default).")
     noise_offset: float | None = Field(None, ge=0)
     noise_offset_random_strength: bool = False
     adaptive_noise_scale: float | None = None
-    multires_noise_iterations: int | None = Field(None, ge=1)
+    multires_noise_iterations: int | None = Field(None, ge=1, le=64)
     multires_noise_discount: float = Field(0.3, gt=0, le=1)
     min_snr_gamma: float | None = Field(None, gt=0)
     min_timestep: int | None = Field(None, ge=0, le=1000)
@@ -223,7 +236,7 @@ class TrainingSection(Section):
 
 class OutputSection(Section):
     output_dir: Path = Field(Path("output"), description="Where run folders are created.")
-    output_name: str | None = Field(None, description="File name stem of saved LoRAs.")
+    output_name: str | None = Field(None, max_length=200, description="File name stem of saved LoRAs.")
     save_model_as: Literal["safetensors"] = "safetensors"
     save_precision: Literal["float", "fp16", "bf16"] | None = None
     save_every_n_epochs: int | None = Field(None, ge=1)
@@ -233,9 +246,21 @@ class OutputSection(Section):
     save_state_every_n_steps: int | None = Field(
         None, ge=1, description="Save the full training state (for --resume) every n steps; also on Ctrl-C."
     )
-    save_last_n_states: int = Field(2, ge=1, description="How many training states to keep.")
+    save_last_n_states: int = Field(2, ge=1, le=MAX_COUNT, description="How many training states to keep.")
     training_comment: str | None = None
     no_metadata: bool = False
+
+    @field_validator("output_name")
+    @classmethod
+    def _file_stem(cls, v: str | None) -> str | None:
+        """A file stem: every file loracli writes stays inside the run folder."""
+        if v is None:
+            return v
+        if "/" in v or "\\" in v or v in (".", "..") or ".." in v.split("."):
+            raise ValueError("must be a file name stem: no / or \\, no '..'")
+        if any(ord(c) < 32 for c in v):
+            raise ValueError("must not contain control characters")
+        return v
 
 
 Sampler = Literal["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
