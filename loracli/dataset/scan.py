@@ -18,7 +18,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loracli.dataset.images import extension, is_image_name, read_image_size, sd_scripts_linux_accepts
+from loracli.dataset.images import (
+    extension,
+    is_image_name,
+    not_a_regular_file,
+    read_image_size,
+    sd_scripts_linux_accepts,
+)
 from loracli.errors import DatasetError, Problem
 
 CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
@@ -91,14 +97,32 @@ class _Collector:
     other_caption_ext: Counter = field(default_factory=Counter)
 
 
+def _entries(folder: Path, out: _Collector) -> list[os.DirEntry]:
+    """A folder's entries in name order; an unreadable folder is a problem naming it."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        out.problems.append(Problem(str(folder), f"cannot list the folder ({exc.strerror or exc})",
+                                    "check its permissions"))
+        return []
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop or a vanished entry: not a folder to search
+        return False
+
+
 def _scan_folder(folder: Path, repeats: int, tokens: str, is_reg: bool, caption_extension: str,
                  out: _Collector) -> Subset:
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    entries = _entries(folder, out)
     names = {e.name for e in entries}
     images: list[ImageEntry] = []
     caption_names: set[str] = set()
     for entry in entries:
-        if entry.is_dir():
+        if _is_dir(entry):
             out.skipped.append(Skipped(Path(entry.path), "sub-folders of image folders are not searched"))
             continue
         if not is_image_name(entry.name):
@@ -126,7 +150,7 @@ def _scan_folder(folder: Path, repeats: int, tokens: str, is_reg: bool, caption_
                     caption_names.add(stem + other)
         images.append(ImageEntry(path, size, caption, source, caption_path, repeats))
     for entry in entries:
-        if entry.is_dir() or is_image_name(entry.name) or entry.name in caption_names:
+        if _is_dir(entry) or is_image_name(entry.name) or entry.name in caption_names:
             continue
         if extension(entry.name).lower() in QUIET_FILES or entry.name.startswith("."):
             continue
@@ -137,12 +161,33 @@ def _scan_folder(folder: Path, repeats: int, tokens: str, is_reg: bool, caption_
     return Subset(folder, repeats, tokens, is_reg, tuple(images))
 
 
+MAX_CAPTION_BYTES = 1 << 20  # sd-scripts uses the first line; a caption is never this long
+
+
 def _read_caption(path: Path, out: _Collector) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        out.problems.append(Problem(str(path), "caption file is not UTF-8", "re-save it as UTF-8"))
+    reason = not_a_regular_file(path)
+    if reason:
+        out.problems.append(Problem(str(path), f"caption file is {reason}", "make it a text file or remove it"))
         return ""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CAPTION_BYTES)
+    except OSError as exc:
+        out.problems.append(Problem(str(path), f"cannot read the caption file ({exc.strerror or exc})",
+                                    "check its permissions"))
+        return ""
+    if b"\x00" in raw:
+        out.problems.append(Problem(str(path), "caption file holds NUL bytes (a binary file, or UTF-16 text?)",
+                                    "re-save it as UTF-8 text"))
+        return ""
+    try:
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not part of the caption
+    except UnicodeDecodeError as exc:
+        if len(raw) == MAX_CAPTION_BYTES and exc.start >= MAX_CAPTION_BYTES - 4:  # cut inside a character
+            text = raw[:exc.start].decode("utf-8-sig")
+        else:
+            out.problems.append(Problem(str(path), "caption file is not UTF-8", "re-save it as UTF-8"))
+            return ""
     lines = text.splitlines()
     first = lines[0].strip() if lines else ""
     if not first:
@@ -153,9 +198,9 @@ def _read_caption(path: Path, out: _Collector) -> str:
 
 def _scan_parent(parent: Path, is_reg: bool, caption_extension: str, out: _Collector) -> list[Subset]:
     subsets = []
-    for entry in sorted(os.scandir(parent), key=lambda e: e.name):
+    for entry in _entries(parent, out):
         path = Path(entry.path)
-        if not entry.is_dir():
+        if not _is_dir(entry):
             if is_image_name(entry.name):
                 out.skipped.append(Skipped(path, "images must be in <repeats>_<name> sub-folders"))
             continue
@@ -226,8 +271,8 @@ def scan_dataset(train_data_dir: Path, reg_data_dir: Path | None, caption_extens
     for key, folder in ((source, train_data_dir), ("dataset.reg_data_dir", reg_data_dir)):
         if folder is not None and not Path(folder).is_dir():
             missing.append(Problem(f"{key}: {folder}", "folder not found" if not Path(folder).exists()
-                                   else "not a folder", "check the path (relative paths are relative to the "
-                                   "config file)"))
+                                   else "not a folder", "check the path (a path in a config file is relative to "
+                                   "that file; one given with --set, to the current folder)"))
     if missing:
         raise DatasetError(missing)
     train = _scan_parent(Path(train_data_dir), False, caption_extension, out)

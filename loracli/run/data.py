@@ -13,12 +13,14 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from loracli.captions import CaptionOptions, process_caption
+from loracli.dataset.images import load_rgb
 from loracli.config.schema import DatasetSection
 from loracli.errors import DatasetError, Problem
 from loracli.plan import Plan, PlannedImage
@@ -56,8 +58,8 @@ def load_pixels(image: PlannedImage, random_crop: bool, rng: random.Random) -> n
 
 
 def _load_pixels(image: PlannedImage, random_crop: bool, rng: random.Random) -> np.ndarray:
-    with Image.open(image.path) as im:
-        im = im.convert("RGB")
+    # load_rgb is what the plan's header reader mirrors: same EXIF orientation, same refusals.
+    with load_rgb(Path(image.path)) as im:
         if im.size != tuple(image.size):
             raise ValueError(f"its size changed since it was planned: {im.size} != {tuple(image.size)}")
         if tuple(image.resized) != im.size:
