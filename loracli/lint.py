@@ -1,9 +1,10 @@
 """The checks `loracli plan` runs: errors stop the run, warnings explain a risk.
 
-Each rule carries its reason and the guide it comes from
-(`../shared/reference/presets-and-rules.md`; the seeds are the guides in
-README's "Where the rules come from"). Config-only rules run before the
-dataset is scanned; dataset rules run on the scan and the schedule.
+Each rule carries its reason and its source: a guide by its title (README,
+"Where the rules come from") or the sd-scripts file whose behaviour it
+mirrors. Config-only rules run before the dataset is scanned; dataset rules
+run on the scan and the schedule; `lint_network_weights` reads the header of
+`network.network_weights`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loracli.config.schema import LoracliConfig
-from loracli.family import ModelFamily
+from loracli.family import FAMILIES, ModelFamily
 from loracli.sample_prompts import read_prompt_file
 
 if TYPE_CHECKING:
     from loracli.dataset.scan import DatasetScan
     from loracli.schedule import Schedule
+
+# The community guides, by title (README: "Where the rules come from").
+LAZY_DADAPT = "Lazy DAdaptation Guide"
+DADAPT_NOTES = "D-Adaptation Experiment Notes"
+TRAINING_GUIDE = "LoRA Training Guide"  # the SDXL/Pony/NoobAI one
+TRAINING_LOGS = "LoRA training logs & notes"
+OTHER_RENTRY = "The Other LoRA Training Rentry"
+# sd-scripts behaviour, by the file that has it.
+SD_BUCKETS = "sd-scripts library/train_util.py (buckets)"
+SD_TRAIN = "sd-scripts train_network.py"
+SD_SCHEDULERS = "sd-scripts library/train_util.py (lr schedulers)"
+SD_OPTIMIZERS = "sd-scripts library/train_util.py (optimizers)"
+SD_XL = "sd-scripts sdxl_train_network.py"
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -29,7 +44,7 @@ class Finding:
     key: str  # dotted key or file the finding is about
     message: str
     hint: str = ""
-    source: str = ""  # the guide (seed) or reference the rule comes from
+    source: str = ""  # the guide (by title) or the sd-scripts file the rule comes from
 
     def render(self) -> str:
         text = f"{self.level} [{self.code}] {self.key}: {self.message}"
@@ -77,78 +92,81 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
     if opt.lr_scheduler == "adafactor" and optimizer.lower() != "adafactor":
         out.append(Finding("error", "E3", "optimizer.lr_scheduler",
                            f"the adafactor scheduler needs optimizer_type AdaFactor, not {optimizer}",
-                           "use cosine or constant_with_warmup", "seed 002"))
-    # E4: cached text-encoder outputs cannot change, so captions must be fixed and the TE frozen.
-    if tr.cache_text_encoder_outputs:
+                           "use cosine or constant_with_warmup", TRAINING_GUIDE))
+    # E4: cached text-encoder outputs cannot change, so captions must be fixed and the TE frozen
+    # (sdxl_train_network.py asserts both).
+    if tr.cache_text_encoder_outputs or tr.cache_text_encoder_outputs_to_disk:
+        cache_key = "training.cache_text_encoder_outputs" + ("" if tr.cache_text_encoder_outputs else "_to_disk")
+        if not net.network_train_unet_only:
+            out.append(Finding("error", "E4", cache_key,
+                               "needs network.network_train_unet_only = true: a text encoder that trains "
+                               "changes the outputs the cache holds",
+                               "set network.network_train_unet_only = true, or turn the cache off", SD_XL))
         clashes = [k for k, on in (
             ("dataset.shuffle_caption", ds.shuffle_caption),
             ("dataset.caption_dropout_rate", ds.caption_dropout_rate > 0),
             ("dataset.caption_dropout_every_n_epochs", ds.caption_dropout_every_n_epochs > 0),
             ("dataset.caption_tag_dropout_rate", ds.caption_tag_dropout_rate > 0),
-            ("text-encoder training", trains_text_encoder(config)),
+            ("dataset.token_warmup_step", ds.token_warmup_step > 0),
         ) if on]
         if clashes:
-            out.append(Finding("error", "E4", "training.cache_text_encoder_outputs",
-                               f"cannot cache text-encoder outputs with {', '.join(clashes)}",
-                               "turn those off (network.network_train_unet_only = true for the text encoder)",
-                               "seed 002"))
+            out.append(Finding("error", "E4", cache_key,
+                               f"cannot be combined with {', '.join(clashes)}: cached captions are encoded once",
+                               "turn those off, or turn the cache off", f"{SD_XL}; {OTHER_RENTRY}"))
     # E5: cached latents are computed once, so per-step pixel augmentations cannot apply.
     if ds.cache_latents or ds.cache_latents_to_disk:
         clashes = [k for k, on in (("dataset.color_aug", ds.color_aug), ("dataset.random_crop", ds.random_crop)) if on]
         if clashes:
             out.append(Finding("error", "E5", "dataset.cache_latents",
                                f"latent caching cannot be combined with {', '.join(clashes)}",
-                               "turn caching off or the augmentation off (flip_aug is allowed)", "seed 004"))
+                               "turn caching off or the augmentation off (flip_aug is allowed)", OTHER_RENTRY))
     # E7: an empty name makes sd-scripts skip the last save silently.
     if outp.output_name is not None and not outp.output_name.strip():
         out.append(Finding("error", "E7", "output.output_name", "is empty",
-                           "give a name, or remove the key to use sd-scripts' default names", "seed 002"))
+                           "give a name, or remove the key to use sd-scripts' default names", TRAINING_GUIDE))
     # E8: bucket limits and steps.
     if ds.bucket_reso_steps % family.bucket_step_multiple:
         out.append(Finding("error", "E8", "dataset.bucket_reso_steps",
-                           f"{ds.bucket_reso_steps} is not a multiple of {family.bucket_step_multiple} "
-                           f"({family.name} latents must divide by 8)",
-                           f"use {family.bucket_step_multiple}", "sd-scripts-behaviour §2.1"))
+                           f"{ds.bucket_reso_steps} is not a multiple of {family.bucket_step_multiple}, "
+                           f"which {family.title} training needs",
+                           f"use {family.bucket_step_multiple} (or a multiple of it)",
+                           SD_XL if family.name == "sdxl" else SD_TRAIN))
     if ds.enable_bucket and not ds.bucket_no_upscale:
         if ds.min_bucket_reso > ds.max_bucket_reso:
             out.append(Finding("error", "E8", "dataset.min_bucket_reso",
                                f"min_bucket_reso {ds.min_bucket_reso} > max_bucket_reso {ds.max_bucket_reso}",
-                               "swap them", "sd-scripts-behaviour §2.1"))
+                               "swap them", SD_BUCKETS))
         else:
             w, h = ds.resolution_wh
             if min(w, h) < ds.min_bucket_reso or max(w, h) > ds.max_bucket_reso:
                 out.append(Finding("error", "E8", "dataset.resolution",
                                    f"{w}x{h} lies outside the bucket limits {ds.min_bucket_reso}-{ds.max_bucket_reso}",
-                                   "widen min_bucket_reso/max_bucket_reso", "sd-scripts-behaviour §2.1"))
+                                   "widen min_bucket_reso/max_bucket_reso", SD_BUCKETS))
     # E9: nothing to plan.
     if tr.max_train_epochs is None and tr.max_train_steps is None:
         out.append(Finding("error", "E9", "training.max_train_epochs",
                            "neither max_train_epochs nor max_train_steps is set",
                            "set training.max_train_epochs (sd-scripts would silently train 1600 steps)",
-                           "sd-scripts-behaviour §3"))
+                           SD_TRAIN))
     # E10: these schedules have no warmup phase; sd-scripts refuses them too.
     warmup_set = opt.lr_warmup_steps != 0
     if warmup_set and opt.lr_scheduler in ("constant", "adafactor"):
         out.append(Finding("error", "E10", "optimizer.lr_warmup_steps",
                            f"the {opt.lr_scheduler} scheduler takes no warmup (got {opt.lr_warmup_steps})",
                            "use lr_scheduler = \"constant_with_warmup\" or set lr_warmup_steps = 0",
-                           "sd-scripts-behaviour §5"))
+                           SD_SCHEDULERS))
     elif warmup_set and adafactor_uses_relative_step(optimizer, opt.optimizer_args):
         out.append(Finding("error", "E10", "optimizer.lr_warmup_steps",
                            "Adafactor with relative_step uses its own schedule and takes no warmup",
                            "set lr_warmup_steps = 0, or optimizer_args.relative_step = false",
-                           "sd-scripts-behaviour §4"))
+                           SD_OPTIMIZERS))
     if net.network_train_unet_only and net.network_train_text_encoder_only:
         out.append(Finding("error", "E12", "network.network_train_unet_only",
                            "network_train_unet_only and network_train_text_encoder_only are both true",
                            "set at most one of them"))
-    # E14: pickled checkpoints can run code when loaded; only with an explicit opt-in.
-    model_path = config.model.pretrained_model_name_or_path
-    if model_path.lower().endswith((".ckpt", ".pt", ".pth", ".bin")) and not config.model.allow_pickle_checkpoint:
-        out.append(Finding("error", "E14", "model.pretrained_model_name_or_path",
-                           f"{model_path} is a pickle checkpoint, which can run code when loaded",
-                           "use the .safetensors version, or set model.allow_pickle_checkpoint = true for a "
-                           "file you trust"))
+    pickle = pickle_checkpoint_finding(config)
+    if pickle:
+        out.append(pickle)
     # E13 / W14: a sampling schedule needs prompts, and prompts need a schedule.
     smp = config.sample
     scheduled = smp.sample_every_n_steps or smp.sample_every_n_epochs or smp.sample_at_first
@@ -165,11 +183,11 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
     if net.alpha > net.dim:
         out.append(Finding("warning", "W1", "network.network_alpha",
                            f"alpha {net.alpha:g} is greater than dim {net.dim}: outputs tend to burn",
-                           "use alpha <= dim (dim/2 or 1 are common)", "seed 004"))
+                           "use alpha <= dim (dim/2 or 1 are common)", OTHER_RENTRY))
     if net.conv_dim and net.conv_alpha is not None and net.conv_alpha > net.conv_dim:
         out.append(Finding("warning", "W1", "network.conv_alpha",
                            f"conv_alpha {net.conv_alpha:g} is greater than conv_dim {net.conv_dim}",
-                           "use conv_alpha <= conv_dim", "seed 004"))
+                           "use conv_alpha <= conv_dim", OTHER_RENTRY))
     if is_adaptive(optimizer):
         # W2: adaptive optimizers expect lr around 1 in every group.
         for key, lr in (("optimizer.learning_rate", opt.learning_rate),
@@ -179,39 +197,42 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
             if lr is not None and lr != 0 and not 0.1 <= lr <= 2:
                 out.append(Finding("warning", "W2", key,
                                    f"{optimizer} with lr {lr:g}: adaptive optimizers need lr around 1",
-                                   "set it to 1.0 (0.5-1 in the guides)", "seeds 000, 004"))
+                                   "set it to 1.0 (0.5-1 in the guides)",
+                                   f"{LAZY_DADAPT}; {OTHER_RENTRY}"))
         # W3: weight decay without decoupling fights the adapted step size.
         wd = opt.optimizer_args.get("weight_decay", 0)
         decouple = opt.optimizer_args.get("decouple", optimizer.lower() == "prodigy")
         if optimizer.lower() in ("dadaptadam", "prodigy") and wd and decouple is not True:
             out.append(Finding("warning", "W3", "optimizer.optimizer_args.decouple",
                                f"{optimizer} with weight_decay {wd} but decouple is not true",
-                               "add decouple = true to optimizer_args", "seed 000"))
+                               "add decouple = true to optimizer_args", LAZY_DADAPT))
         # W4
         if tr.noise_offset is not None and tr.noise_offset > 0.2:
             out.append(Finding("warning", "W4", "training.noise_offset",
                                f"noise_offset {tr.noise_offset:g} with an adaptive optimizer gives unusable results",
-                               "keep it at 0.1 or below", "seed 001"))
+                               "keep it at 0.1 or below", DADAPT_NOTES))
     # W5
     if origins.get("training.multires_noise_discount") and tr.multires_noise_iterations is None:
         out.append(Finding("warning", "W5", "training.multires_noise_discount",
                            "has no effect without training.multires_noise_iterations",
-                           "set multires_noise_iterations (6-10 is common) or remove the discount", "seed 002"))
+                           "set multires_noise_iterations (6-10 is common) or remove the discount",
+                           TRAINING_GUIDE))
     # W6
     if opt.lr_scheduler == "constant" and not is_adaptive(optimizer) and optimizer.lower() != "adafactor":
         out.append(Finding("warning", "W6", "optimizer.lr_scheduler",
                            f"a constant schedule with {optimizer} tends to overtrain",
-                           "use cosine or cosine_with_restarts", "seed 004"))
+                           "use cosine or cosine_with_restarts", OTHER_RENTRY))
     # W7
     if optimizer.lower() == "prodigy" and warmup_set and not opt.optimizer_args.get("safeguard_warmup", False):
         out.append(Finding("warning", "W7", "optimizer.optimizer_args.safeguard_warmup",
                            "Prodigy with a warmup but safeguard_warmup is not true",
-                           "add safeguard_warmup = true to optimizer_args", "seed 004"))
+                           "add safeguard_warmup = true to optimizer_args", OTHER_RENTRY))
     # W8
     if tr.min_snr_gamma is not None and not 1 <= tr.min_snr_gamma <= 20:
         out.append(Finding("warning", "W8", "training.min_snr_gamma",
                            f"{tr.min_snr_gamma:g} is outside the useful range 1-20",
-                           "5 is the recommended value", "seed 004"))
+                           "5 is the recommended value", OTHER_RENTRY))
+    out += lint_family(config, family)
     # W12: sd-scripts rounds the limits to the step.
     if ds.enable_bucket and not ds.bucket_no_upscale:
         step = ds.bucket_reso_steps
@@ -220,7 +241,121 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
             out.append(Finding("warning", "W12", "dataset.min_bucket_reso",
                                f"bucket limits {ds.min_bucket_reso}-{ds.max_bucket_reso} are not multiples of "
                                f"{step}; used as {lo}-{hi} (min rounded down, max up), as sd-scripts does",
-                               f"set them to {lo} and {hi}", "sd-scripts-behaviour §2.1"))
+                               f"set them to {lo} and {hi}", SD_BUCKETS))
+    return out
+
+
+def pickle_checkpoint_finding(config: LoracliConfig) -> Finding | None:
+    """E14: pickled checkpoints can run code when loaded; only with an explicit opt-in.
+
+    Checked before the model is probed, so the opt-in is asked for before anything else."""
+    model_path = config.model.pretrained_model_name_or_path
+    if model_path.lower().endswith((".ckpt", ".pt", ".pth", ".bin")) and not config.model.allow_pickle_checkpoint:
+        return Finding("error", "E14", "model.pretrained_model_name_or_path",
+                       f"{model_path} is a pickle checkpoint, which can run code when loaded",
+                       "use the .safetensors version, or set model.allow_pickle_checkpoint = true for a "
+                       "file you trust")
+    return None
+
+
+def lint_family(config: LoracliConfig, family: ModelFamily) -> list[Finding]:
+    """Rules that depend on the model family (SDXL's own, and what SD1/SD2 ignore)."""
+    out: list[Finding] = []
+    ds, opt, tr, model = config.dataset, config.optimizer, config.training, config.model
+    encoders = len(family.text_encoder_prefixes)
+    if family.name == "sdxl":
+        # W19: SDXL base and its fine-tunes were trained at 1024x1024.
+        w, h = ds.resolution_wh
+        if min(w, h) < 768:
+            out.append(Finding("warning", "W19", "dataset.resolution",
+                               f"{w}x{h} on SDXL, which is trained at 1024x1024: lower resolutions lose detail",
+                               "use 1024 (the guide's value for Pony); 512 only as a last resort when VRAM is short",
+                               TRAINING_GUIDE))
+        # W20: the stock SDXL VAE overflows in fp16.
+        if tr.mixed_precision == "fp16" and not model.no_half_vae:
+            out.append(Finding("warning", "W20", "model.no_half_vae",
+                               "fp16 on SDXL with the VAE in fp16: the stock SDXL VAE produces NaNs (black "
+                               "images, NaN loss) in fp16",
+                               "set model.no_half_vae = true (sd-scripts' --no_half_vae), or use bf16",
+                               f"{TRAINING_GUIDE}; {SD_XL}"))
+        # W21: informational: what the guides say about SDXL's two text encoders.
+        if trains_text_encoder(config, encoders):
+            out.append(Finding("warning", "W21", "network.network_train_unet_only",
+                               "informational: the LoRA also trains SDXL's two text encoders (CLIP-L and OpenCLIP "
+                               "bigG), which costs memory and rules out caching their outputs",
+                               "The Other LoRA Training Rentry trains SDXL in about 8 GB of VRAM with the text "
+                               "encoders frozen and their outputs cached (network.network_train_unet_only = true, "
+                               "training.cache_text_encoder_outputs = true: preset sdxl-lowvram); the LoRA "
+                               "Training Guide's Pony command trains both at 1e-4",
+                               f"{OTHER_RENTRY}; {TRAINING_GUIDE}"))
+    # W22: SDXL reads fixed layers of both encoders; sd-scripts ignores clip_skip there.
+    if model.clip_skip is not None and not family.supports_clip_skip:
+        out.append(Finding("warning", "W22", "model.clip_skip",
+                           f"is ignored on {family.title}: both text encoders use their penultimate layer "
+                           "(sd-scripts ignores clip_skip for SDXL too)", "remove model.clip_skip", SD_XL))
+    # W23: one text encoder, two learning rates.
+    if isinstance(opt.text_encoder_lr, list) and len(opt.text_encoder_lr) > encoders:
+        out.append(Finding("warning", "W23", "optimizer.text_encoder_lr",
+                           f"{len(opt.text_encoder_lr)} values on {family.title}, which has {encoders} text "
+                           f"encoder: only the first ({opt.text_encoder_lr[0]:g}) is used, as in train_network.py",
+                           f"give one value: text_encoder_lr = {opt.text_encoder_lr[0]:g}", SD_TRAIN))
+    return out
+
+
+_FILE_ALGOS = {"lora": ("lora", "locon"), "loha": ("loha",), "lokr": ("lokr",)}
+
+
+def lint_network_weights(config: LoracliConfig, family: ModelFamily) -> list[Finding]:
+    """E15-E17: the LoRA in network.network_weights must be one this run can continue from.
+
+    Read from its safetensors header only: not a LoRA (E15), another model family (E16, e.g. an
+    SDXL LoRA on an SD1 run), another algorithm or rank (E17). A broken file is a DatasetError.
+    """
+    from loracli.lorafile import collect_modules, is_lora_file, lora_family
+    from loracli.safetensors_header import read_header
+
+    net = config.network
+    path = net.network_weights
+    if path is None:
+        return []
+    key = "network.network_weights"
+    where = f"{key}: {path.name}"
+    header = read_header(path)
+    modules = collect_modules(header)
+    if not is_lora_file(modules):
+        first = ", ".join(list(header.tensors)[:2]) or "no tensors"
+        return [Finding("error", "E15", key, f"{path} is not a LoRA/LyCORIS file (no lora_unet_/lora_te "
+                        f"modules; first keys: {first})", "give a LoRA file saved by loracli or sd-scripts")]
+    out: list[Finding] = []
+    found, evidence = lora_family(modules, header)
+    fits = found is None or found == family.name or (found == "sd1/sd2" and family.name in ("sd1", "sd2"))
+    if not fits:
+        titles = " or ".join(FAMILIES[f].title for f in found.split("/"))
+        out.append(Finding("error", "E16", key, f"{path} is a {titles} LoRA ({evidence}) but this run trains "
+                           f"{family.title}", "give a LoRA trained on this base model's family, or change the "
+                           "model"))
+    algos = {m.algo for m in modules if m.algo in _FILE_ALGOS}
+    if algos and not any(net.algo in _FILE_ALGOS[a] for a in algos):
+        out.append(Finding("error", "E17", "network.algo",
+                           f"{where} holds {'/'.join(sorted(algos))} modules but network.algo is {net.algo!r}",
+                           f"set network.algo to match the file ({'/'.join(sorted(algos))})"))
+        return out
+    linear = {m.dim for m in modules if not m.conv and m.dim is not None}
+    if len(linear) == 1 and net.dim not in linear:
+        (dim,) = linear
+        out.append(Finding("error", "E17", "network.network_dim",
+                           f"{net.dim} but {where} has rank {dim}", f"set network.network_dim = {dim}"))
+    conv = {m.dim for m in modules if m.conv and m.dim is not None}
+    if len(conv) == 1:
+        (conv_dim,) = conv
+        if net.conv_dim is None:
+            out.append(Finding("error", "E17", "network.conv_dim",
+                               f"is unset but {where} has 3x3-conv modules of rank {conv_dim}; they would be "
+                               "dropped", f"set network.conv_dim = {conv_dim}"))
+        elif net.conv_dim != conv_dim:
+            out.append(Finding("error", "E17", "network.conv_dim",
+                               f"{net.conv_dim} but {where} has 3x3-conv rank {conv_dim}",
+                               f"set network.conv_dim = {conv_dim}"))
     return out
 
 
@@ -243,40 +378,47 @@ def lint_data(config: LoracliConfig, scan: DatasetScan, schedule: Schedule,
     """Rules that need the dataset scan and the step schedule."""
     out: list[Finding] = []
     tr = config.training
-    # W9: what sd-scripts would skip or treat silently.
+    # What sd-scripts would skip or treat silently; one code per kind of finding.
+    # W9: folders skipped for their name.
     skipped_dirs = [s for s in scan.skipped if "prefix" in s.reason or "repeats" in s.reason]
     if skipped_dirs:
         names = ", ".join(s.path.name for s in skipped_dirs[:5])
         out.append(Finding("warning", "W9", "dataset.train_data_dir",
                            f"{len(skipped_dirs)} folder(s) skipped for their name: {names}",
-                           "name image folders <repeats>_<name>, e.g. 10_mychar", "seeds 003, 004"))
+                           "name image folders <repeats>_<name>, e.g. 10_mychar", f"{OTHER_RENTRY}; {SD_TRAIN}"))
+    # W15: other files and folders that are not used.
     other = [s for s in scan.skipped if s not in skipped_dirs]
     if other:
-        out.append(Finding("warning", "W9", "dataset.train_data_dir",
+        out.append(Finding("warning", "W15", "dataset.train_data_dir",
                            f"{len(other)} file(s) or folder(s) not used, e.g. {other[0].path.name}: {other[0].reason}",
-                           "see 'skipped' in the plan for the list", "seeds 003, 004"))
+                           "see 'skipped' in the plan for the list", SD_TRAIN))
+    # W16: where loracli reads the dataset differently from sd-scripts (mixed-case extensions).
     for note in scan.notes:
-        out.append(Finding("warning", "W9", "dataset.train_data_dir", note, source="seeds 003, 004"))
+        out.append(Finding("warning", "W16", "dataset.train_data_dir", note,
+                           "rename the files with a lower-case extension to train the same images with sd-scripts",
+                           SD_TRAIN))
+    # W17: captions that fall back to the folder's class tokens.
     uncaptioned = [i for s in scan.subsets if not s.is_reg for i in s.images if i.caption_source != "file"]
     if uncaptioned:
-        out.append(Finding("warning", "W9", "dataset.caption_extension",
+        out.append(Finding("warning", "W17", "dataset.caption_extension",
                            f"{len(uncaptioned)} training image(s) have no {config.dataset.caption_extension} "
                            f"caption and use the folder's class tokens, e.g. {uncaptioned[0].path.name}",
-                           "add caption files or check caption_extension", "seeds 003, 004"))
+                           "add caption files or check caption_extension", f"{TRAINING_LOGS}; {OTHER_RENTRY}"))
+    # W18: the rest of what the scan noticed (empty folders, unused reg images, other caption extensions).
     for warning in scan.warnings:
-        out.append(Finding("warning", "W9", "dataset", warning, source="seeds 003, 004"))
+        out.append(Finding("warning", "W18", "dataset", warning, source=SD_TRAIN))
     # W10: far from the step counts the guides report working.
     if not 500 <= schedule.total_steps <= 4000:
         out.append(Finding("warning", "W10", "training.max_train_epochs",
                            f"{schedule.total_steps} total steps ({schedule.formula}) is far from the 500-4000 "
-                           "the guides find works for a LoRA", "informational", "seeds 000, 004"))
+                           "the guides find works for a LoRA", "informational", f"{LAZY_DADAPT}; {OTHER_RENTRY}"))
     # Small buckets make small, noisier steps.
     small = [b for b in buckets if b["count"] < tr.train_batch_size]
     if small:
         sizes = ", ".join(f"{b['resolution'][0]}x{b['resolution'][1]} ({b['count']})" for b in small[:5])
         out.append(Finding("warning", "W13", "training.train_batch_size",
                            f"{len(small)} bucket(s) hold fewer images than the batch size {tr.train_batch_size}: "
-                           f"{sizes}", "those steps use smaller, noisier batches", "sd-scripts-behaviour §2.4"))
+                           f"{sizes}", "those steps use smaller, noisier batches", SD_BUCKETS))
     # W11: sample prompts.
     prompts_path = config.sample.sample_prompts
     if prompts_path is not None and prompts_path.is_file():
@@ -291,9 +433,9 @@ def lint_data(config: LoracliConfig, scan: DatasetScan, schedule: Schedule,
         if long:
             out.append(Finding("warning", "W11", "sample.sample_prompts",
                                f"{len(long)} prompt(s) longer than 77 tokens are cut, e.g. {long[0][:40]!r}...",
-                               "shorten them", "seed 002"))
+                               "shorten them", TRAINING_GUIDE))
         if tr.num_processes > 1 and len(prompts) % tr.num_processes:
             out.append(Finding("warning", "W11", "sample.sample_prompts",
                                f"{len(prompts)} prompts do not divide among {tr.num_processes} processes",
-                               f"use a multiple of {tr.num_processes}", "seed 002"))
+                               f"use a multiple of {tr.num_processes}", TRAINING_GUIDE))
     return out

@@ -201,6 +201,53 @@ def base_model_guess(modules: list[ModuleInfo], header: SafetensorsHeader) -> st
     return None
 
 
+# kohya names SDXL UNet modules by the SAI/ldm layout, SD1/SD2 ones by diffusers' (down_blocks_...).
+_SAI_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+_DIFFUSERS_UNET = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
+# Cross-attention key/value input width (the text context) of the full-size models.
+_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2"}
+
+
+def is_lora_file(modules: list[ModuleInfo]) -> bool:
+    """A network file loracli can continue from: kohya-named LoRA/LyCORIS modules."""
+    return any(m.algo not in ("other", "") and m.part in ("unet", "text_encoder", "text_encoder_1", "text_encoder_2")
+               and m.name.startswith("lora_") for m in modules)
+
+
+def lora_family(modules: list[ModuleInfo], header: SafetensorsHeader) -> tuple[str | None, str]:
+    """(family, evidence): "sd1" | "sd2" | "sdxl" | "sd1/sd2" (not SDXL, width unknown) | None.
+
+    The weights decide first (module names and widths cannot lie); the ss_*/modelspec metadata only
+    when the weights leave it open.
+    """
+    names = [m.name for m in modules]
+    if any(m.part in ("text_encoder_1", "text_encoder_2") for m in modules):
+        return "sdxl", "two text encoders (lora_te1_/lora_te2_)"
+    if any(n.startswith(_SAI_UNET) for n in names):
+        return "sdxl", "SDXL UNet module names (lora_unet_input_blocks_...)"
+    for key, entry in header.tensors.items():
+        if key.startswith("lora_te_") and "q_proj" in key and key.endswith("lora_down.weight") and entry.shape:
+            found = _TEXT_WIDTH_FAMILY.get(entry.shape[-1])
+            if found:
+                return found, f"text encoder width {entry.shape[-1]}"
+        if key.startswith("lora_unet_") and "attn2_to_k" in key and key.endswith("lora_down.weight") and entry.shape:
+            found = _CONTEXT_FAMILY.get(entry.shape[-1])
+            if found:
+                return found, f"cross-attention context width {entry.shape[-1]}"
+    version = header.metadata.get("ss_base_model_version", "")
+    architecture = header.metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
+        return "sdxl", f"metadata ({version or architecture})"
+    if any(n.startswith(_DIFFUSERS_UNET) or n.startswith("lora_te_") for n in names):
+        if version.startswith("sd_v2") or architecture.startswith("stable-diffusion-v2"):
+            return "sd2", f"metadata ({version or architecture})"
+        if version.startswith("sd_v1") or architecture.startswith("stable-diffusion-v1"):
+            return "sd1", f"metadata ({version or architecture})"
+        return "sd1/sd2", "SD1/SD2 module names (lora_unet_down_blocks_..., lora_te_)"
+    return None, ""
+
+
 def dataset_dirs(meta: dict[str, Any]) -> list[dict[str, Any]]:
     """[{dir, repeats, images}] from ss_dataset_dirs (folder mode) or ss_datasets (--dataset_config)."""
     out = []

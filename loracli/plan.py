@@ -29,8 +29,10 @@ from loracli.config.loader import ResolvedConfig
 from loracli.config.schema import LoracliConfig
 from loracli.dataset.scan import DatasetScan, scan_dataset
 from loracli.errors import ConfigError, DatasetError, Problem
-from loracli.family import ModelFamily, family_for
-from loracli.lint import Finding, lint_config, lint_data
+from loracli.family import ModelFamily
+from loracli.lint import Finding, lint_config, lint_data, lint_network_weights, pickle_checkpoint_finding
+from loracli import preflight
+from loracli.model_probe import probe_model, resolve_family
 from loracli.sample_prompts import round_label
 from loracli.schedule import (
     Schedule,
@@ -95,6 +97,12 @@ class Plan:
     notes: list[str]
     # When sample images are made: {"step", "epoch" (None for a step round), "label"} in order.
     sample_rounds: list[dict[str, Any]] = field(default_factory=list)
+    # The base model the run loads (a local folder or file, or tiny:NAME): a model id is resolved
+    # from the Hugging Face cache here, so the run never looks it up again.
+    model_path: str = ""
+    model_kind: str = ""  # tiny | diffusers | single-file | pickle
+    model_detection: str = ""  # how model_family was chosen, e.g. "detected from model_index.json (...)"
+    model_source: str = ""  # where a model id was found (the Hugging Face cache), else ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,9 +193,13 @@ def _dirs(scan: DatasetScan, reg: bool) -> dict[str, dict[str, int]]:
 
 def build_plan(resolved: ResolvedConfig) -> Plan:
     config = resolved.config
-    family: ModelFamily = family_for(config.model.v2)
+    _raise_errors([f for f in [pickle_checkpoint_finding(config)] if f])
+    probe = probe_model(config.model.pretrained_model_name_or_path)
+    choice = resolve_family(config.model, probe)
+    family: ModelFamily = choice.family
     findings = lint_config(config, family, resolved.origins)
     _raise_errors(findings)
+    preflight.check_config(config, probe.path, probe.kind)  # optimizer, clip_skip, output folder
 
     ds, tr = config.dataset, config.training
     prompts = config.sample.sample_prompts
@@ -196,6 +208,8 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
     weights = config.network.network_weights
     if weights is not None and not weights.is_file():
         raise DatasetError(Problem(f"network.network_weights: {weights}", "LoRA file not found", "check the path"))
+    if weights is not None:
+        _raise_errors(lint_network_weights(config, family))
     scan = scan_dataset(ds.train_data_dir, ds.reg_data_dir, ds.caption_extension)
 
     notes: list[str] = []
@@ -216,8 +230,9 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
     _raise_errors(findings)
 
     warmup = resolve_warmup_steps(config.optimizer.lr_warmup_steps, schedule.total_steps, tr.num_processes)
+    preflight.check_plan_size(config, schedule.total_steps, schedule.epochs)  # before anything is listed
     save_epochs, save_steps, files = _expected_files(config, schedule)
-    notes.extend(scan.notes)
+    preflight.check_free_space(config, family, probe.path, len(files))
     return Plan(
         plan_version=PLAN_VERSION,
         loracli_version=__version__,
@@ -249,6 +264,10 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         errors=[],
         notes=notes,
         sample_rounds=_sample_rounds(config, schedule),
+        model_path=probe.path,
+        model_kind=probe.kind,
+        model_detection=choice.how,
+        model_source=probe.source,
     )
 
 

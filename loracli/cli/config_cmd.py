@@ -9,17 +9,37 @@ import tomli_w
 
 from loracli.config.loader import DEFAULT, ResolvedConfig, _flatten, resolve_config
 from loracli.errors import ConfigError, Problem
-from loracli.family import family_for
-from loracli.lint import lint_config
+from loracli.lint import Finding, lint_config, lint_network_weights, pickle_checkpoint_finding
+from loracli.model_probe import ModelNotFound, ModelProbe, probe_model, resolve_family
 
 
-def validate(resolved: ResolvedConfig) -> None:
-    findings = lint_config(resolved.config, family_for(resolved.config.model.v2), resolved.origins)
+def _raise(findings: list[Finding]) -> None:
     errors = [f for f in findings if f.level == "error"]
     if errors:
         raise ConfigError([Problem(f.key, f"[{f.code}] {f.message}", f.hint) for f in errors])
+
+
+def validate(resolved: ResolvedConfig) -> None:
+    """The config checks of `loracli plan` (model family included), without the dataset.
+
+    A model that is not on this machine is not an error here (a config may be checked before it
+    moves to the machine that trains); `loracli plan` requires it."""
+    config = resolved.config
+    _raise([f for f in [pickle_checkpoint_finding(config)] if f])
+    try:
+        probe: ModelProbe | None = probe_model(config.model.pretrained_model_name_or_path)
+    except ModelNotFound as exc:
+        probe = None
+        print(f"note: {exc.problems[0].render()}")
+    choice = resolve_family(config.model, probe)
+    findings = lint_config(config, choice.family, resolved.origins)
+    _raise(findings)
+    if config.network.network_weights is not None and config.network.network_weights.is_file():
+        findings += lint_network_weights(config, choice.family)
+        _raise(findings)
     for f in findings:
         print(f.render())
+    print(f"model: {choice.family.title} ({choice.how})")
     print(f"{resolved.config_path}: ok ({len(findings)} warning(s); the dataset is checked by `loracli plan`)")
 
 
@@ -54,8 +74,10 @@ STARTER = '''# loracli config. Values use sd-scripts' option names; see `loracli
 #   loracli train --preset dadapt-v3 --config loracli.toml
 
 [model]
-# A diffusers model folder, an SD1.x/2.x .safetensors file, or "tiny:sd15" (a tiny random model
-# for smoke tests on a CPU). SD2.x: v2 = true (and v_parameterization = true for 768-v models).
+# A diffusers model folder, an SD1.x/2.x/SDXL .safetensors file, a model id already in the
+# Hugging Face cache, or "tiny:sd15" / "tiny:sdxl" (tiny random models for smoke tests on a CPU).
+# SDXL is detected from the model (or set sdxl = true); SD2.x: v2 = true (and v_parameterization = true
+# for 768-v models).
 pretrained_model_name_or_path = "tiny:sd15"
 # clip_skip = 2                 # 2 for NAI-derived anime models
 

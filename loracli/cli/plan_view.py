@@ -9,6 +9,7 @@ from rich.table import Table
 
 from loracli.config.loader import ResolvedConfig
 from loracli.errors import ConfigError, Problem
+from loracli.family import FAMILIES
 from loracli.plan import Plan
 
 
@@ -17,9 +18,12 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
     cfg = resolved.config
     presets = ", ".join(p.name for p in resolved.presets) or "none"
     console.print(f"[bold]loracli plan[/bold]  config: {resolved.config_path or '-'}  presets: {presets}")
-    console.print(f"model: {cfg.model.pretrained_model_name_or_path} ({plan.model_family})  "
-                  f"network: {cfg.network.algo} dim {cfg.network.dim} alpha {cfg.network.alpha:g}  "
-                  f"optimizer: {cfg.optimizer.optimizer_type}, {cfg.optimizer.lr_scheduler}")
+    console.print(f"model: {cfg.model.pretrained_model_name_or_path} ({plan.model_family}): {model_line(plan)}",
+                  markup=False)
+    if plan.model_source:
+        console.print(f"  found in the {plan.model_source}", markup=False)
+    console.print(f"network: {cfg.network.algo} dim {cfg.network.dim} alpha {cfg.network.alpha:g}  "
+                  f"optimizer: {cfg.optimizer.optimizer_type}, {cfg.optimizer.lr_scheduler}", markup=False)
 
     per_subset: dict[tuple[str, bool], list] = defaultdict(list)
     for image in plan.images:
@@ -60,6 +64,10 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
         console.print(f"sample images: {shown}", markup=False)
     for note in plan.notes:
         console.print(f"note: {note}", markup=False)
+    from loracli.sdscripts.importer import imported_account  # a config `loracli import` wrote names what it left out
+
+    for line in imported_account(resolved.config_path):
+        console.print(line, style="yellow", markup=False)
     for w in plan.warnings:
         line = f"warning [{w['code']}] {w['key']}: {w['message']}"
         if w["hint"]:
@@ -67,6 +75,13 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
         if w["source"]:
             line += f" (source: {w['source']})"
         console.print(line, style="yellow", markup=False)
+
+
+def model_line(plan: Plan) -> str:
+    """"SDXL (detected from model_index.json (StableDiffusionXLPipeline))" and the like."""
+    family = FAMILIES.get(plan.model_family)
+    title = family.title if family else plan.model_family
+    return f"{title} ({plan.model_detection})" if plan.model_detection else title
 
 
 def check_strict(plan: Plan, strict: bool) -> None:

@@ -210,9 +210,39 @@ def test_w9_skipped_folders_files_and_uncaptioned(tmp_path, make_image):
         make_image(data / "2_char" / "nocaption.png", 128, 128)
 
     warnings, plan = plan_warnings(tmp_path, make_image, setup=setup)
-    assert "W9" in warnings
-    text = " ".join(w["message"] for w in plan.warnings if w["code"] == "W9")
-    assert "char_no_prefix" in text and "caption" in text
+    by_code: dict[str, list[str]] = {}
+    for w in plan.warnings:
+        by_code.setdefault(w["code"], []).append(w["message"])
+    # One code per kind of finding, each reported once.
+    assert by_code["W9"] == ["1 folder(s) skipped for their name: char_no_prefix"]
+    assert len(by_code["W15"]) == 1 and "notes.gif" in by_code["W15"][0]
+    assert len(by_code["W16"]) == 1 and "upper.Png" in by_code["W16"][0]
+    assert len(by_code["W17"]) == 1 and "nocaption.png" in by_code["W17"][0]
+    # The mixed-case extension is said once: as a warning, not also as a note.
+    assert not any("mixed-case" in n for n in plan.notes)
+
+
+def test_w18_dataset_warnings_have_their_own_code(tmp_path, make_image):
+    def setup(data):
+        make_image(data / "2_char" / "tags.png", 128, 128)
+        (data / "2_char" / "tags.caption").write_text("char\n")
+
+    warnings, plan = plan_warnings(tmp_path, make_image, setup=setup)
+    assert warnings["W18"]["key"] == "dataset" and ".caption" in warnings["W18"]["message"]
+    assert "W9" not in warnings
+
+
+def test_sources_are_guide_titles_not_file_numbers(tmp_path, make_image):
+    found = codes(tmp_path, presets=["dadapt-v3"], sets=["optimizer.unet_lr=1e-4", "network.network_alpha=64"])
+    assert found["W2"] and found["W1"]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE)
+    resolved = resolve_config(cfg, ["dadapt-v3"], ["optimizer.unet_lr=1e-4", "network.network_alpha=64"])
+    sources = {f.code: f.source for f in lint_config(resolved.config, SD1, resolved.origins)}
+    assert sources["W2"] == "Lazy DAdaptation Guide; The Other LoRA Training Rentry"
+    assert sources["W1"] == "The Other LoRA Training Rentry"
+    for source in sources.values():
+        assert "seed" not in source and "../shared" not in source and "§" not in source
 
 
 def test_w10_total_steps_far_from_guides(tmp_path, make_image):
