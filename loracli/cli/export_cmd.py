@@ -1,4 +1,4 @@
-"""`loracli export sd-scripts`: write config.toml, dataset.toml and train.sh for kohya's train_network.py."""
+"""`loracli export sd-scripts`: config.toml, dataset.toml and train.sh for kohya's (sdxl_)train_network.py."""
 
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ def export_sd_scripts(config: Path | None, preset: list[str], set_: list[str], o
     for line in report_lines(exp):
         sys.stderr.write(line + "\n")
     print(f"wrote {out_dir}/: config.toml, dataset.toml, train.sh, README-export.txt")
-    print(f"{plan.total_steps} steps, {plan.epochs} epochs, {len(exp.dataset['datasets'][0]['subsets'])} subset(s); "
+    print(f"{exp.script} ({plan.model_family}): {plan.total_steps} steps, {plan.epochs} epochs, "
+          f"{len(exp.dataset['datasets'][0]['subsets'])} subset(s); "
           f"{len(exp.unsupported)} option(s) not exported, {len(exp.warnings)} warning(s)")
     where = str(sd_scripts_dir) if sd_scripts_dir else "your sd-scripts checkout"
     print(f"run it from {where} (its venv active):")
-    print(f"  {shell_command(out_dir, exp.num_processes)}")
+    print(f"  {shell_command(out_dir, exp.num_processes, exp.script)}")
     print(f"or: SD_SCRIPTS_DIR={where if sd_scripts_dir else 'PATH'} {(out_dir / 'train.sh').absolute()}")
 
 
@@ -57,5 +58,5 @@ def register(app: typer.Typer) -> None:
         set_: list[str] | None = SetOpt,
         sd_scripts_dir: Path | None = SdScriptsDirOpt,
     ) -> None:
-        """Plan the run, then write the files kohya's train_network.py needs for the same run."""
+        """Plan the run, then write the files kohya's train_network.py (sdxl_train_network.py for SDXL) needs."""
         export_sd_scripts(config, preset or [], set_ or [], out_dir, sd_scripts_dir)

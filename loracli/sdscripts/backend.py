@@ -29,10 +29,12 @@ from loracli.sdscripts.export import (
     TRAIN_SCRIPT,
     accelerate_options,
     build_export,
+    export_family,
     report_lines,
     script_args,
     write_export,
 )
+from loracli.sdscripts.options import script_for
 
 EXPORT_DIR = "sd-scripts"
 LOG_FILE = "sd-scripts.log"
@@ -44,14 +46,15 @@ STEP_RE = re.compile(r"steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 EPOCH_RE = re.compile(r"\bepoch (\d+)/(\d+)")
 
 
-def find_checkout(sd_scripts_dir: Path | None) -> Path:
+def find_checkout(sd_scripts_dir: Path | None, script: str = TRAIN_SCRIPT) -> Path:
     if sd_scripts_dir is None:
         raise ConfigError(Problem("--sd-scripts-dir", "the sd-scripts backend needs your sd-scripts checkout",
                                   "pass --sd-scripts-dir PATH or set LORACLI_SD_SCRIPTS_DIR"))
     checkout = sd_scripts_dir.expanduser().absolute()
-    if not (checkout / TRAIN_SCRIPT).is_file():
-        raise ConfigError(Problem(f"--sd-scripts-dir {sd_scripts_dir}", f"no {TRAIN_SCRIPT} in this folder",
-                                  "give the root of a kohya-ss/sd-scripts checkout"))
+    if not (checkout / script).is_file():
+        hint = ("give the root of a kohya-ss/sd-scripts checkout" if script == TRAIN_SCRIPT else
+                f"SDXL runs need {script}: give the root of a kohya-ss/sd-scripts checkout recent enough to have it")
+        raise ConfigError(Problem(f"--sd-scripts-dir {sd_scripts_dir}", f"no {script} in this folder", hint))
     return checkout
 
 
@@ -65,8 +68,9 @@ def checkout_python(checkout: Path) -> str:
     return sys.executable
 
 
-def launch_command(python: str, num_processes: int, export_dir: Path) -> list[str]:
-    return [python, "-m", "accelerate.commands.launch", *accelerate_options(num_processes), *script_args(export_dir)]
+def launch_command(python: str, num_processes: int, export_dir: Path, script: str = TRAIN_SCRIPT) -> list[str]:
+    return [python, "-m", "accelerate.commands.launch", *accelerate_options(num_processes),
+            *script_args(export_dir, script)]
 
 
 class RunStatus:
@@ -147,7 +151,7 @@ def _echo(chunk: bytes) -> None:
 
 
 def run_sd_scripts_job(run_dir: Path, plan: Plan, command: list[str], cwd: Path,
-                       echo: Callable[[bytes], None] = _echo) -> Path:
+                       echo: Callable[[bytes], None] = _echo, script: str = TRAIN_SCRIPT) -> Path:
     """Run the sd-scripts command for a prepared run folder; returns the final LoRA file."""
     status = RunStatus(run_dir, plan.total_steps)
     watch = OutputWatch(status)
@@ -174,10 +178,11 @@ def run_sd_scripts_job(run_dir: Path, plan: Plan, command: list[str], cwd: Path,
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return _outcome(run_dir, plan, code, watch, status, log_path)
+    return _outcome(run_dir, plan, code, watch, status, log_path, script)
 
 
-def _outcome(run_dir: Path, plan: Plan, code: int, watch: OutputWatch, status: RunStatus, log_path: Path) -> Path:
+def _outcome(run_dir: Path, plan: Plan, code: int, watch: OutputWatch, status: RunStatus, log_path: Path,
+             script: str = TRAIN_SCRIPT) -> Path:
     if watch.no_data:
         # sd-scripts logs this and returns normally (exit 0): loracli calls it what it is.
         message = "sd-scripts found no training images ('No data found') although loracli's plan did"
@@ -186,14 +191,14 @@ def _outcome(run_dir: Path, plan: Plan, code: int, watch: OutputWatch, status: R
                                    f"{run_dir / EXPORT_DIR / 'dataset.toml'}"))
     if code != 0:
         last = watch.tail[-1] if watch.tail else "no output"
-        message = f"train_network.py exited with status {code}: {last}"
+        message = f"{script} exited with status {code}: {last}"
         if watch.out_of_memory:
             message = f"{OOM_MESSAGE}: {message}"
         status.write(state="failed", error=message)
         raise TrainingError(Problem("sd-scripts", message, f"full output in {log_path}"))
     final = run_dir / plan.expected_files[-1]
     if not final.is_file():
-        message = f"train_network.py exited 0 but did not write {final.name}"
+        message = f"{script} exited 0 but did not write {final.name}"
         status.write(state="failed", error=message)
         raise TrainingError(Problem("sd-scripts", message, f"full output in {log_path}"))
     status.write(state="finished", step=plan.total_steps, epoch=plan.epochs, last_save=str(final),
@@ -220,6 +225,7 @@ def run_train_sd_scripts(resolved: ResolvedConfig, strict: bool, sd_scripts_dir:
     plan = build_plan(resolved)
     print_plan(resolved, plan)
     check_strict(plan, strict)
+    find_checkout(sd_scripts_dir, script_for(export_family(resolved.config, plan).name))  # before any folder
     run_dir = create_run_dir(resolved.config)
     export = build_export(resolved.config, plan, output_dir=run_dir)
     write_run_files(run_dir, resolved, plan, sys.argv)
@@ -227,8 +233,8 @@ def run_train_sd_scripts(resolved: ResolvedConfig, strict: bool, sd_scripts_dir:
     for line in report_lines(export):
         sys.stderr.write(line + "\n")
     print(f"run folder: {run_dir}", flush=True)
-    command = launch_command(checkout_python(checkout), export.num_processes, run_dir / EXPORT_DIR)
-    print(f"sd-scripts: {checkout}", flush=True)
-    final = run_sd_scripts_job(run_dir, plan, command, checkout)
+    command = launch_command(checkout_python(checkout), export.num_processes, run_dir / EXPORT_DIR, export.script)
+    print(f"sd-scripts: {checkout} ({export.script})", flush=True)
+    final = run_sd_scripts_job(run_dir, plan, command, checkout, script=export.script)
     print(f"saved: {final}")
     return final

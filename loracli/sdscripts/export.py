@@ -1,5 +1,9 @@
 """`loracli export sd-scripts`: the same run, as the files sd-scripts' train_network.py reads.
 
+SDXL runs (the plan's model family) go to sdxl_train_network.py instead, with its
+option table (`options.load_option_table(script)`): the SDXL-only caching options,
+32-pixel bucket steps, and no clip_skip (that script ignores it).
+
 `build_export(config, plan)` is pure (no files): it returns the training-args
 TOML (for `--config_file`), the dataset TOML (for `--dataset_config`), the
 `accelerate launch` options, and every warning and unsupported option.
@@ -21,16 +25,22 @@ from loracli.config.schema import SECTIONS, LoracliConfig
 from loracli.dataset.images import extension
 from loracli.dataset.scan import parse_folder_name
 from loracli.errors import ConfigError, Problem
-from loracli.family import family_for
+from loracli.family import FAMILIES, SDXL, ModelFamily
 from loracli.plan import Plan
 from loracli.rundir import atomic_write_text
-from loracli.sdscripts.options import MAPPINGS, load_option_table, optimizer_arg_items
+from loracli.sdscripts.options import (
+    MAPPINGS,
+    TRAIN_NETWORK,
+    load_option_table,
+    optimizer_arg_items,
+    script_for,
+)
 
 CONFIG_FILE = "config.toml"
 DATASET_FILE = "dataset.toml"
 SCRIPT_FILE = "train.sh"
 README_FILE = "README-export.txt"
-TRAIN_SCRIPT = "train_network.py"
+TRAIN_SCRIPT = TRAIN_NETWORK  # SD1.x/2.x; Export.script names the one a run uses
 # Each process's CPU threads; accelerate warns and picks 1 when unset, sd-scripts' docs pass 1.
 ACCELERATE_BASE = ["--num_cpu_threads_per_process", "1"]
 # Caption and augmentation options go to [general] (they apply to every subset).
@@ -54,6 +64,7 @@ class Export:
     warnings: list[str] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)  # (loracli key, reason)
     notes: list[str] = field(default_factory=list)
+    script: str = TRAIN_SCRIPT  # train_network.py or sdxl_train_network.py
 
     def flat_args(self) -> dict[str, Any]:
         """What sd-scripts sees: it flattens the sections of a --config_file."""
@@ -161,17 +172,23 @@ def _optimizer_items(args: dict[str, Any], exp: Export) -> list[str]:
 def training_args(config: LoracliConfig, exp: Export, output_dir: Path | None = None) -> dict[str, dict[str, Any]]:
     """config.toml for `--config_file`, grouped in loracli's sections (sd-scripts flattens them)."""
     out: dict[str, dict[str, Any]] = {}
-    table = load_option_table()
+    table = load_option_table(exp.script)
+    sdxl = exp.script == script_for(SDXL.name)
     for m in MAPPINGS:
         section = m.key.split(".")[0]
         value = _value(config, m.key)
-        if m.unsupported:
+        reason = m.unsupported_for(exp.script)
+        if reason:
             if value != _default(m.key):
-                exp.unsupported.append((m.key, m.unsupported))
+                exp.unsupported.append((m.key, reason))
             continue
-        if not m.arg or m.arg == "network_module":  # written by _network
+        if not m.arg or m.arg == "network_module":  # written by _network; model.sdxl picks the script
             continue
         if value is None:
+            continue
+        if m.key == "model.clip_skip" and sdxl:
+            exp.warnings.append(f"model.clip_skip: {value} is not written; {exp.script} ignores clip_skip "
+                                "(SDXL uses the penultimate layer of both text encoders, as loracli does)")
             continue
         if m.key == "dataset.max_token_length" and value == TOKEN_WINDOW:
             continue  # sd-scripts' unset value means 75; its argparse choices are only 150 and 225
@@ -230,14 +247,22 @@ def dataset_toml(config: LoracliConfig, plan: Plan) -> dict[str, Any]:
     return {"general": general, "datasets": [dataset]}
 
 
-def _check_rules(config: LoracliConfig, exp: Export) -> None:
+def export_family(config: LoracliConfig, plan: Plan) -> ModelFamily:
+    """The family the plan found (it detects SDXL from the model); `model.sdxl = true` always means SDXL."""
+    return SDXL if config.model.sdxl else FAMILIES[plan.model_family]
+
+
+def _check_rules(config: LoracliConfig, family: ModelFamily, exp: Export) -> None:
     """Rules sd-scripts enforces at start-up; `loracli plan` checks them too, this guards the export itself."""
     ds = config.dataset
-    family = family_for(config.model.v2)
-    if ds.bucket_reso_steps % 64:
+    step = family.bucket_step_multiple
+    if ds.bucket_reso_steps % step:
         raise ConfigError(Problem("dataset.bucket_reso_steps",
-                                  f"{ds.bucket_reso_steps} is not a multiple of 64; train_network.py refuses it "
-                                  f"for {family.name} models", "use 64"))
+                                  f"{ds.bucket_reso_steps} is not a multiple of {step}; {exp.script} refuses it "
+                                  f"for {family.title or family.name} models", f"use {step}"))
+    if family is SDXL and config.model.v2:
+        raise ConfigError(Problem("model.v2", f"{exp.script} refuses v2 for SDXL models",
+                                  "remove model.v2 (SDXL is not SD 2.x)"))
 
 
 def _difference_warnings(config: LoracliConfig, plan: Plan, exp: Export) -> None:
@@ -259,6 +284,13 @@ def _difference_warnings(config: LoracliConfig, plan: Plan, exp: Export) -> None
         exp.warnings.append(f"{len(plan.skipped)} path(s) loracli's scan skipped (e.g. {first['path']}: "
                             f"{first['reason']}) are left out of dataset.toml too; sd-scripts given the parent "
                             "folder as --train_data_dir would treat them its own way")
+    te_lrs = config.optimizer.text_encoder_lr
+    if isinstance(te_lrs, list) and len(set(te_lrs)) > 1:
+        # train_network.py passes a list only to networks with per-encoder lrs; networks.lora and lycoris.kohya
+        # have none, so it takes text_encoder_lr[0] for every text encoder.
+        exp.warnings.append(f"optimizer.text_encoder_lr: {te_lrs} is written, but sd-scripts' networks.lora and "
+                            f"lycoris.kohya train every text encoder at the first value ({te_lrs[0]!r}); loracli "
+                            "gives each encoder its own")
     opt = config.optimizer.optimizer_type.lower()
     if opt.startswith("dadapt"):
         exp.notes.append("DAdapt* optimizers need `pip install dadaptation` in the sd-scripts environment "
@@ -268,15 +300,16 @@ def _difference_warnings(config: LoracliConfig, plan: Plan, exp: Export) -> None
 
 
 def build_export(config: LoracliConfig, plan: Plan, output_dir: Path | None = None) -> Export:
-    exp = Export(args={}, dataset={}, num_processes=config.training.num_processes)
-    _check_rules(config, exp)
+    family = export_family(config, plan)
+    exp = Export(args={}, dataset={}, num_processes=config.training.num_processes, script=script_for(family.name))
+    _check_rules(config, family, exp)
     exp.args = training_args(config, exp, output_dir)
     exp.dataset = dataset_toml(config, plan)
     _difference_warnings(config, plan, exp)
-    table = load_option_table()
+    table = load_option_table(exp.script)
     unknown = [k for k in exp.flat_args() if k not in table]
     if unknown:  # a loracli bug, never the user's: every written key must be one sd-scripts accepts
-        raise AssertionError(f"export wrote options train_network.py does not have: {unknown}")
+        raise AssertionError(f"export wrote options {exp.script} does not have: {unknown}")
     return exp
 
 
@@ -287,29 +320,34 @@ def accelerate_options(num_processes: int) -> list[str]:
     return opts + ["--num_processes", str(num_processes)]
 
 
-def script_args(out_dir: Path) -> list[str]:
-    return [TRAIN_SCRIPT, "--config_file", str((out_dir / CONFIG_FILE).absolute()),
+def script_args(out_dir: Path, script: str = TRAIN_SCRIPT) -> list[str]:
+    return [script, "--config_file", str((out_dir / CONFIG_FILE).absolute()),
             "--dataset_config", str((out_dir / DATASET_FILE).absolute())]
 
 
-def shell_command(out_dir: Path, num_processes: int) -> str:
-    return shlex.join(["accelerate", "launch", *accelerate_options(num_processes), *script_args(out_dir)])
+def shell_command(out_dir: Path, num_processes: int, script: str = TRAIN_SCRIPT) -> str:
+    return shlex.join(["accelerate", "launch", *accelerate_options(num_processes), *script_args(out_dir, script)])
 
 
-def _script(out_dir: Path, num_processes: int, sd_scripts_dir: Path | None) -> str:
+def _script(out_dir: Path, exp: Export, sd_scripts_dir: Path | None) -> str:
     default = (f'if [ -z "${{SD_SCRIPTS_DIR:-}}" ]; then SD_SCRIPTS_DIR={shlex.quote(str(sd_scripts_dir.absolute()))}; '
                "fi\n" if sd_scripts_dir else "")
     return ("#!/usr/bin/env bash\n"
-            "# Written by `loracli export sd-scripts`. Runs train_network.py from an sd-scripts checkout\n"
+            f"# Written by `loracli export sd-scripts`. Runs {exp.script} from an sd-scripts checkout\n"
             "# (activate its virtual environment first; SD_SCRIPTS_DIR overrides the checkout).\n"
             "set -euo pipefail\n"
             f"{default}"
             'cd "${SD_SCRIPTS_DIR:?set SD_SCRIPTS_DIR to your sd-scripts checkout}"\n'
-            f"{shell_command(out_dir, num_processes)}\n")
+            f"{shell_command(out_dir, exp.num_processes, exp.script)}\n")
+
+
+def config_header(script: str) -> str:
+    """config.toml's first line: which script the arguments are for (import reads it back)."""
+    return f"# Training arguments for sd-scripts' {script} (--config_file), written by `loracli export sd-scripts`.\n"
 
 
 def _readme(exp: Export, command: str) -> str:
-    lines = ["Exported by `loracli export sd-scripts`.", "",
+    lines = [f"Exported by `loracli export sd-scripts` for {exp.script}.", "",
              f"  {CONFIG_FILE}   training arguments (--config_file)",
              f"  {DATASET_FILE}  dataset (--dataset_config)",
              f"  {SCRIPT_FILE}      the command line (set SD_SCRIPTS_DIR or edit its cd line)", "",
@@ -326,10 +364,10 @@ def _readme(exp: Export, command: str) -> str:
 def write_export(out_dir: Path, exp: Export, sd_scripts_dir: Path | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
-        CONFIG_FILE: tomli_w.dumps(exp.args),
+        CONFIG_FILE: config_header(exp.script) + tomli_w.dumps(exp.args),
         DATASET_FILE: tomli_w.dumps(exp.dataset),
-        SCRIPT_FILE: _script(out_dir, exp.num_processes, sd_scripts_dir),
-        README_FILE: _readme(exp, shell_command(out_dir, exp.num_processes)),
+        SCRIPT_FILE: _script(out_dir, exp, sd_scripts_dir),
+        README_FILE: _readme(exp, shell_command(out_dir, exp.num_processes, exp.script)),
     }
     written = []
     for name, text in files.items():

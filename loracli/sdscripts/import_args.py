@@ -2,7 +2,9 @@
 
 The input is a dict of argument name -> value, from a `--config_file` TOML
 (typed values) or a command line (text; True for flags; lists for nargs
-options). Names map through the exporter's table (`options.key_for_arg`),
+options), for one script: train_network.py or sdxl_train_network.py (the
+caller tells which; SDXL-only options, clip_skip and text_encoder_lr lists
+depend on it). Names map through the exporter's table (`options.key_for_arg`),
 so export and import read the same mapping. The network and optimizer
 arguments, which pack several loracli keys into `key=value` items, are
 unpacked here.
@@ -18,11 +20,14 @@ from pydantic import TypeAdapter, ValidationError
 from loracli.config.schema import OptimizerArg
 from loracli.sdscripts.import_result import ImportResult
 from loracli.sdscripts.options import (
+    SDXL_TRAIN_NETWORK,
+    TRAIN_NETWORK,
     int_or_float,
     key_for_arg,
     key_for_dataset_key,
     key_for_network_arg,
     load_option_table,
+    mapping_for,
     parse_network_arg,
     parse_optimizer_arg,
 )
@@ -39,7 +44,7 @@ REASONS: dict[str, str] = {
     "full_fp16": "loracli keeps trained weights in fp32 and uses training.mixed_precision",
     "full_bf16": "loracli keeps trained weights in fp32 and uses training.mixed_precision",
     "fp8_base": "loracli has no fp8 base model",
-    "no_half_vae": "loracli picks the VAE's precision itself",
+    "disable_mmap_load_safetensors": "a model-loading speed switch of sd-scripts; loracli loads models its own way",
     "save_state": "loracli saves training states on a step interval: set output.save_state_every_n_steps",
     "save_state_on_train_end": "loracli saves training states on a step interval: set output.save_state_every_n_steps",
     "save_last_n_epochs_state": "loracli keeps output.save_last_n_states states",
@@ -79,13 +84,14 @@ def _is_empty(value: Any) -> bool:
 
 
 def import_args(args: dict[str, Any], result: ImportResult, *, prefix: str = "",
-                labels: dict[str, str] | None = None) -> None:
+                labels: dict[str, str] | None = None, script: str = TRAIN_NETWORK) -> None:
     """Map every argument into `result`.
 
     Reports name an argument `prefix + name` ("--" for command lines) unless `labels`
     names it (kohya_ss GUI keys); `labels["network_args.KEY"]` names a network_args item.
     """
-    table = load_option_table()
+    table = load_option_table(script)
+    sdxl = script == SDXL_TRAIN_NETWORK
     labels = labels or {}
     name_of = {name: labels.get(name, f"{prefix}{name}") for name in args}
     name_of.update({k: v for k, v in labels.items() if k.startswith("network_args.")})
@@ -118,14 +124,22 @@ def import_args(args: dict[str, Any], result: ImportResult, *, prefix: str = "",
             continue
         spec = table.get(name)
         dotted = _loracli_key(name) if spec is not None or key_for_arg(name) else None
+        if dotted is not None and spec is None and mapping_for(dotted).only_script not in (None, script):
+            if _is_empty(value):
+                result.unset(label)
+            else:
+                result.skip(label, f"{script} has no --{name} (an {mapping_for(dotted).only_script} option; "
+                                   f"sd-scripts would reject it) (value {value!r})")
+            continue
+        if dotted == "model.clip_skip" and sdxl and not _is_empty(value):
+            result.skip(label, f"{script} ignores clip_skip (it only warns); SDXL uses the penultimate layer of "
+                               f"both text encoders, as loracli does (value {value!r})")
+            continue
         if dotted is not None:
             if isinstance(value, list) and len(value) == 1 and dotted != "optimizer.optimizer_args":
                 value = value[0]  # nargs options (text_encoder_lr) given one value
             elif name == "text_encoder_lr" and isinstance(value, list) and value:
-                # SD1/2 networks have one text encoder: train_network.py uses the first value (kohya_ss writes two)
-                if len(set(value)) > 1:
-                    result.note(f"{label}: {value} given; an SD1.x/2.x network uses only the first, {value[0]!r}")
-                value = value[0]
+                value = _text_encoder_lrs(value, sdxl, result, label)
             if value is None or value == "" or value == []:
                 result.unset(label)
                 continue
@@ -143,6 +157,27 @@ def import_args(args: dict[str, Any], result: ImportResult, *, prefix: str = "",
         if name not in SECRET:
             reason = f"{reason} (value {value!r})"
         result.skip(label, reason)
+
+
+def _text_encoder_lrs(values: list[Any], sdxl: bool, result: ImportResult, label: str) -> Any:
+    """SD1/2 have one text encoder: train_network.py uses the first value (kohya_ss writes two). SDXL has two:
+    loracli keeps one value per encoder, as the input gives them."""
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return values  # the schema reports it
+    if not sdxl:
+        if len(set(numbers)) > 1:
+            result.note(f"{label}: {values} given; an SD1.x/2.x network uses only the first, {values[0]!r}")
+        return values[0]
+    if len(numbers) > 2:
+        result.note(f"{label}: {values} given; SDXL has two text encoders, the values after the second are ignored")
+    first_two = values[:2]
+    if len(set(numbers[:2])) == 1:
+        return first_two[0]
+    result.note(f"{label}: {first_two} kept as one lr per text encoder; note that sd-scripts' networks.lora and "
+                f"lycoris.kohya train both SDXL encoders at the first value ({first_two[0]!r})")
+    return first_two
 
 
 def _typed(value: Any, spec: Any) -> Any:

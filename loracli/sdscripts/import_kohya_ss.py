@@ -6,7 +6,9 @@ for the epoch count, `lr_warmup` as a percent of the steps, `optimizer_args`
 as one space-separated string, `LoRA_type` for the network. This module turns
 them into the `train_network.py` arguments the GUI would have passed (the same
 rules: a value of 0 drops most options), and accounts for every GUI key; the
-arguments then go through the common sd-scripts import.
+arguments then go through the common sd-scripts import. `"sdxl": true` is an
+SDXL run (sdxl_train_network.py, `model.sdxl = true`); only then does the GUI
+pass its `sdxl_cache_text_encoder_outputs` and `sdxl_no_half_vae` switches.
 """
 
 from __future__ import annotations
@@ -83,9 +85,6 @@ GUI_ONLY: dict[str, str] = {
     "headless": "a GUI setting",
     "use_wandb": "loracli does not log to Weights & Biases",
     "wandb_api_key": "loracli does not log to Weights & Biases (the key is not copied)",
-    "sdxl": "loracli trains SD1.x/2.x models (no SDXL)",
-    "sdxl_cache_text_encoder_outputs": "an SDXL-script option",
-    "sdxl_no_half_vae": "an SDXL-script option",
     "stop_text_encoder_training": "stopping text-encoder training part-way is not supported",
     "stop_text_encoder_training_pct": "stopping text-encoder training part-way is not supported",
     "no_token_padding": "a DreamBooth-script option train_network.py does not take",
@@ -157,6 +156,7 @@ def kohya_ss_args(data: dict[str, Any], result: ImportResult) -> tuple[dict[str,
     _misc(data, take, result, args)
     _network(data, take, result, args)
     _sampling(data, take, result, args)
+    _sdxl(data, take, result, args)
 
     for key, reason in GUI_ONLY.items():
         if key in data and key not in done:
@@ -382,6 +382,31 @@ def _network(data: dict[str, Any], take: Any, result: ImportResult, args: _Args)
         args.labels["network_args.preset"] = "LyCORIS_preset" if "LyCORIS_preset" in data else "LoRA_type"
     if items:
         args.put("network_args", items, "LoRA_type")
+
+
+# The GUI's SDXL switches and the sdxl_train_network.py option each becomes (passed only with "sdxl" on).
+SDXL_SWITCHES = {"sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs", "sdxl_no_half_vae": "no_half_vae"}
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true") or value == 1
+
+
+def _sdxl(data: dict[str, Any], take: Any, result: ImportResult, args: _Args) -> None:
+    """`sdxl` picks sdxl_train_network.py; the GUI passes its SDXL switches only then."""
+    sdxl = _truthy(take("sdxl"))
+    if sdxl:
+        result.set("model.sdxl", True, "sdxl")
+    elif "sdxl" in data:
+        result.unset("sdxl")
+    for key, arg in SDXL_SWITCHES.items():
+        if key not in data:
+            continue
+        value = take(key)
+        if sdxl and _truthy(value):
+            args.put(arg, True, key)
+        else:
+            result.unset(key)  # off, or ignored by the GUI without "sdxl"
 
 
 def _sampling(data: dict[str, Any], take: Any, result: ImportResult, args: _Args) -> None:

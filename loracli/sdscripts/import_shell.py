@@ -165,7 +165,7 @@ def _parse_command(line: str, style: str, variables: Variables) -> ShellCommand:
     script = SCRIPT_RE.search(" " + tokens[index]).group(1)  # type: ignore[union-attr]
     launcher = tokens[:index]
     cmd = ShellCommand(style=style, script=script, launcher=launcher, args={})
-    table = load_option_table()
+    table = load_option_table(script)
     rest = tokens[index + 1:]
     i = 0
     while i < len(rest):

@@ -5,7 +5,11 @@ Inputs (detected from the name and the content):
   flattens), with its `--dataset_config` TOML when given or named inside;
 - a kohya_ss GUI LoRA config or preset (JSON);
 - a shell script (bash, PowerShell, cmd) with an `accelerate launch ...
-  train_network.py ...` command line.
+  train_network.py ...` (or `sdxl_train_network.py`) command line.
+
+SDXL shows as the script name `sdxl_train_network.py`, `"sdxl": true` in kohya_ss
+JSON, or, in an sd-scripts TOML, an option only the SDXL script has (set) or the
+first-line comment `loracli export` writes; such imports set `model.sdxl = true`.
 
 Each input becomes sd-scripts arguments, mapped through the exporter's table
 (`loracli.sdscripts.options`), so `export` and `import` agree. Every input key
@@ -16,6 +20,7 @@ TOML starts with that account as comments.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path, PureWindowsPath
 from typing import Any
@@ -29,6 +34,7 @@ from loracli.errors import ConfigError, DatasetError, Problem
 from loracli.sdscripts.import_args import import_args
 from loracli.sdscripts.import_dataset import import_dataset_toml
 from loracli.sdscripts.import_result import ImportResult
+from loracli.sdscripts.options import SDXL_ONLY_ARGS, SDXL_TRAIN_NETWORK, TRAIN_NETWORK
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,6 +46,8 @@ KOHYA_SS_MARKERS = {"LoRA_type", "epoch", "max_resolution", "optimizer", "lr_war
 SD_SCRIPTS_DEFAULT_STEPS = 1600
 SD_SCRIPTS_CAPTION_EXTENSION = ".caption"
 REQUIRED = {"model": "model.pretrained_model_name_or_path", "dataset": "dataset.train_data_dir"}
+# A comment before the first table that names the SDXL script (what `loracli export` writes).
+SDXL_COMMENT_RE = re.compile(r"\A(?:[ \t]*(?:#[^\n]*)?\n)*?[ \t]*#[^\n]*\bsdxl_train_network\.py\b")
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -142,9 +150,25 @@ def _from_sd_scripts_toml(path: Path, text: str, dataset_config: Path | None,
                                   "check it with `loracli config validate`"))
     result = ImportResult(path, "sd-scripts config TOML")
     args = flatten_sections(data)
+    script = _toml_script(text, args, result)
     _import_with_dataset(args, result, prefix="", base_dir=path.parent, dataset_config=dataset_config,
-                         dataset_data=dataset_data)
+                         dataset_data=dataset_data, script=script)
     return result
+
+
+def _toml_script(text: str, args: dict[str, Any], result: ImportResult, prefix: str = "") -> str:
+    """Which script a --config_file TOML is for: SDXL when an SDXL-only option is set or its comment says so."""
+    shown = [name for name in SDXL_ONLY_ARGS if args.get(name) not in (None, False, "", 0)]
+    if shown:
+        result.set("model.sdxl", True, f"{prefix}{shown[0]}")
+        result.note(f"{prefix}{shown[0]} is an option of {SDXL_TRAIN_NETWORK} only: imported as an SDXL config "
+                    "(model.sdxl = true)")
+        return SDXL_TRAIN_NETWORK
+    if SDXL_COMMENT_RE.match(text):
+        result.set("model.sdxl", True, f"(comment naming {SDXL_TRAIN_NETWORK})")
+        result.note(f"the file's comment names {SDXL_TRAIN_NETWORK}: imported as an SDXL config (model.sdxl = true)")
+        return SDXL_TRAIN_NETWORK
+    return TRAIN_NETWORK
 
 
 def _is_loracli_config(data: dict[str, Any]) -> bool:
@@ -159,7 +183,7 @@ def _is_loracli_config(data: dict[str, Any]) -> bool:
 
 def _import_with_dataset(args: dict[str, Any], result: ImportResult, *, prefix: str, base_dir: Path,
                          dataset_config: Path | None, dataset_data: dict[str, Any] | None,
-                         labels: dict[str, str] | None = None) -> None:
+                         labels: dict[str, str] | None = None, script: str = TRAIN_NETWORK) -> None:
     named = args.get("dataset_config")
     label = (labels or {}).get("dataset_config", f"{prefix}dataset_config")
     if dataset_data is None and isinstance(named, str) and named:
@@ -171,7 +195,7 @@ def _import_with_dataset(args: dict[str, Any], result: ImportResult, *, prefix: 
             result.note(f"read the dataset config {found} named by {label}")
     if dataset_data is not None and named:
         result.mapped[label] = ["(the dataset config, imported)"]
-    import_args(args, result, prefix=prefix, labels=labels)
+    import_args(args, result, prefix=prefix, labels=labels, script=script)
     if dataset_data is not None:
         fallbacks = {"caption_extension": args.get("caption_extension") or args.get("caption_extention")
                      or SD_SCRIPTS_CAPTION_EXTENSION,
@@ -225,8 +249,9 @@ def _from_kohya_ss(path: Path, text: str, dataset_config: Path | None,
                                   "import reads kohya_ss GUI JSON, sd-scripts TOML or a shell script"))
     result = ImportResult(path, "kohya_ss GUI JSON")
     args, labels = kohya_ss_args(data, result)
+    script = SDXL_TRAIN_NETWORK if result.get("model.sdxl") else TRAIN_NETWORK
     _import_with_dataset(args, result, prefix="", base_dir=path.parent, dataset_config=dataset_config,
-                         dataset_data=dataset_data, labels=labels)
+                         dataset_data=dataset_data, labels=labels, script=script)
     return result
 
 
@@ -242,9 +267,8 @@ def _from_shell(path: Path, text: str, dataset_config: Path | None,
         raise ConfigError(Problem(str(path), "no train_network.py command line found",
                                   "import reads scripts that run `accelerate launch ... train_network.py --...`"))
     result = ImportResult(path, f"{cmd.style} script")
-    if cmd.script != "train_network.py":
-        result.skip(cmd.script, "loracli trains SD1.x/2.x models like train_network.py (no SDXL); the options "
-                                "below were imported as they are")
+    if cmd.script == SDXL_TRAIN_NETWORK:
+        result.set("model.sdxl", True, cmd.script)
     for option, value in accelerate_options(cmd.launcher).items():
         label = f"accelerate --{option}"
         if option == "num_processes":
@@ -268,11 +292,15 @@ def _from_shell(path: Path, text: str, dataset_config: Path | None,
         if found is None:
             result.skip("--config_file", f"{config_file} was not found from here; its values are missing")
         else:
-            file_args = flatten_sections(_parse_toml(found, _read_text(found, "config file")))
+            file_text = _read_text(found, "config file")
+            file_args = flatten_sections(_parse_toml(found, file_text))
+            if cmd.script != SDXL_TRAIN_NETWORK and _toml_script(file_text, file_args, ImportResult(found, "")) \
+                    == SDXL_TRAIN_NETWORK:
+                result.note(f"{found.name} is written for {SDXL_TRAIN_NETWORK}, but the script runs {cmd.script}")
             args = {**file_args, **args}  # the command line overrides the file, as in sd-scripts
             result.mapped["--config_file"] = ["(read: its values are imported, the command line wins)"]
     _import_with_dataset(args, result, prefix="--", base_dir=path.parent, dataset_config=dataset_config,
-                         dataset_data=dataset_data)
+                         dataset_data=dataset_data, script=cmd.script)
     return result
 
 
@@ -365,7 +393,8 @@ def _apply_rules(result: ImportResult) -> None:
             config = LoracliConfig.model_validate(values)
         except ValidationError:
             return
-        errors = [f for f in lint_config(config, family_for(config.model.v2), {}) if f.level == "error"]
+        family = family_for(config.model.v2, config.model.sdxl)
+        errors = [f for f in lint_config(config, family, {}) if f.level == "error"]
         fixable = [f for f in errors if result.has(f.key)]
         for finding in errors:
             if finding not in fixable:
@@ -377,8 +406,39 @@ def _apply_rules(result: ImportResult) -> None:
                                          f"{finding.message} ({finding.hint})")
 
 
+IMPORTED_HEADER = "# Imported by `loracli import` from "
+NOT_IMPORTED_RE = re.compile(r"^# Not imported \((\d+)\):$")
+
+
+def imported_account(config_path: Path | None) -> list[str]:
+    """For a config `loracli import` wrote: one line per input option it did not import (read back from the
+    comments on top), so `loracli plan` can name them. Empty for any other file."""
+    if config_path is None:
+        return []
+    try:
+        with open(config_path, encoding="utf-8-sig") as f:
+            head = [line.rstrip("\n") for line in _comment_block(f)]
+    except (OSError, UnicodeDecodeError):
+        return []
+    if not head or not head[0].startswith(IMPORTED_HEADER):
+        return []
+    source = head[0].removeprefix(IMPORTED_HEADER).rstrip(".")
+    for i, line in enumerate(head):
+        if m := NOT_IMPORTED_RE.match(line):
+            items = [item.removeprefix("#").strip() for item in head[i + 1:i + 1 + int(m.group(1))]]
+            return [f"not imported from {source}: {item}" for item in items if item]
+    return []
+
+
+def _comment_block(lines: Any) -> Any:
+    for line in lines:
+        if not line.startswith("#"):
+            return
+        yield line
+
+
 def render_toml(result: ImportResult) -> str:
-    lines = [f"# Imported by `loracli import` from {result.source.name} ({result.kind}).",
+    lines = [f"{IMPORTED_HEADER}{result.source.name} ({result.kind}).",
              "# Paths are kept as written in the input. Check with: loracli config validate THIS_FILE"]
     if result.unsupported:
         lines += ["#", f"# Not imported ({len(result.unsupported)}):"]

@@ -1,20 +1,22 @@
-"""What loracli knows about sd-scripts' `train_network.py` command line.
+"""What loracli knows about sd-scripts' `train_network.py` and `sdxl_train_network.py` command lines.
 
 Two tables, both usable in either direction (export: loracli -> sd-scripts;
 import: sd-scripts -> loracli):
 
-1. The option table: every `train_network.py` option loracli relies on, loaded
-   from `train_network_options.json` (shipped in this package; a copy is
-   committed as test data). API:
+1. The option tables: every option of each script, loaded from
+   `train_network_options.json` and `sdxl_train_network_options.json` (shipped
+   in this package; copies are committed as test data). The SDXL script's
+   parser is train_network.py's plus three options, so its file "extends" the
+   other. `SCRIPTS` names the script of each model family (`script_for`). API:
 
-   - `load_option_table() -> dict[str, OptionSpec]`: name -> spec. `OptionSpec`
-     has `name`, `kind` ("flag" = store_true, "value", "list" = nargs='*'),
-     `type` ("str" | "int" | "float" | "int_or_float"), `choices` (argparse
-     choices), `values` (names the script checks itself, e.g. lr_scheduler),
-     `default`.
-   - `build_parser() -> argparse.ArgumentParser`: a parser with those options
+   - `load_option_table(script=TRAIN_NETWORK) -> dict[str, OptionSpec]`: name -> spec.
+     `OptionSpec` has `name`, `kind` ("flag" = store_true, "value", "list" =
+     nargs='*'), `type` ("str" | "int" | "float" | "int_or_float"), `choices`
+     (argparse choices), `values` (names the script checks itself, e.g.
+     lr_scheduler), `default`.
+   - `build_parser(script) -> argparse.ArgumentParser`: a parser with those options
      (for tests, and for reading a shell script's command line on import).
-   - `cli_tokens(name, value) -> list[str]`: a config.toml value as command-line
+   - `cli_tokens(name, value, script) -> list[str]`: a config.toml value as command-line
      tokens (`--flag`, `--name VALUE`, `--name V1 V2`).
 
 2. The key mapping: one `KeyMapping` per loracli config key (every leaf of
@@ -32,6 +34,10 @@ import: sd-scripts -> loracli):
    - `accelerate`: an `accelerate launch` option (training.num_processes).
    - `unsupported`: no sd-scripts equivalent; the reason (reported when the value
      is not the default).
+   - `only_script`: the arg exists in that script only (the SDXL-only options);
+     with any other script the row's `unsupported` reason applies.
+   - `selects_script`: the key picks the script instead of passing an arg
+     (`model.sdxl`: sdxl_train_network.py).
    A row may set both `arg` and `dataset` (resolution; train_batch_size is also
    the dataset's `batch_size`). Lookups: `mapping_for(key)`,
    `key_for_arg(name)`, `key_for_dataset_key(name)`, `key_for_network_arg(name)`.
@@ -48,7 +54,9 @@ Value forms (what export writes and import must read back):
      `ast.literal_eval`: `decouple=True`, `weight_decay=0.4`,
      `betas=(0.9,0.99)`, `mode='x'`. `python_literal()` / `parse_optimizer_arg()`
      convert; a TOML list becomes a tuple and back.
-   - `text_encoder_lr` (nargs='*' in train_network.py): a one-element list, `[5e-05]`.
+   - `text_encoder_lr` (nargs='*' in train_network.py): a list, `[5e-05]`; for SDXL one
+     value (both encoders) or two (one per encoder), as loracli's config holds it.
+   - `clip_skip`: not written for SDXL (sdxl_train_network.py ignores it, with a warning).
    - `lr_warmup_steps`: an int counts steps; a float below 1 is a ratio (the
      pinned sd-scripts reads both).
    - `max_token_length`: 150 or 225 (argparse choices); loracli's 75 is sd-scripts'
@@ -68,7 +76,16 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-TABLE_FILE = "train_network_options.json"
+TRAIN_NETWORK = "train_network.py"
+SDXL_TRAIN_NETWORK = "sdxl_train_network.py"
+# The script that trains a LoRA for each model family (loracli.family names).
+SCRIPTS = {"sd1": TRAIN_NETWORK, "sd2": TRAIN_NETWORK, "sdxl": SDXL_TRAIN_NETWORK}
+TABLE_FILES = {TRAIN_NETWORK: "train_network_options.json", SDXL_TRAIN_NETWORK: "sdxl_train_network_options.json"}
+TABLE_FILE = TABLE_FILES[TRAIN_NETWORK]
+
+
+def script_for(family_name: str) -> str:
+    return SCRIPTS[family_name]
 
 
 @dataclass(frozen=True)
@@ -81,11 +98,26 @@ class OptionSpec:
     default: Any = None
 
 
-@lru_cache(maxsize=1)
-def load_option_table() -> dict[str, OptionSpec]:
-    raw = json.loads(resources.files("loracli.sdscripts").joinpath(TABLE_FILE).read_text(encoding="utf-8"))
+def _read_table_file(file_name: str) -> dict[str, Any]:
+    return json.loads(resources.files("loracli.sdscripts").joinpath(file_name).read_text(encoding="utf-8"))
+
+
+def raw_options(script: str = TRAIN_NETWORK) -> dict[str, dict[str, Any]]:
+    """A script's options as the JSON holds them, the extended table's first."""
+    raw = _read_table_file(TABLE_FILES[script])
+    base = raw.get("extends")
+    options: dict[str, dict[str, Any]] = {}
+    if base:
+        (base_script,) = [s for s, f in TABLE_FILES.items() if f == base]
+        options.update(raw_options(base_script))
+    options.update(raw["options"])
+    return options
+
+
+@lru_cache(maxsize=None)
+def load_option_table(script: str = TRAIN_NETWORK) -> dict[str, OptionSpec]:
     table: dict[str, OptionSpec] = {}
-    for name, spec in raw["options"].items():
+    for name, spec in raw_options(script).items():
         table[name] = OptionSpec(
             name=name, kind=spec["kind"], type=spec.get("type", "str"),
             choices=tuple(spec["choices"]) if spec.get("choices") else None,
@@ -108,10 +140,10 @@ def int_or_float(text: str) -> int | float:
 _CONVERTERS = {"str": str, "int": int, "float": float, "int_or_float": int_or_float}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser that accepts what train_network.py accepts (per the option table)."""
-    parser = argparse.ArgumentParser(prog="train_network.py", allow_abbrev=False, add_help=False)
-    for spec in load_option_table().values():
+def build_parser(script: str = TRAIN_NETWORK) -> argparse.ArgumentParser:
+    """An argparse parser that accepts what the script accepts (per its option table)."""
+    parser = argparse.ArgumentParser(prog=script, allow_abbrev=False, add_help=False)
+    for spec in load_option_table(script).values():
         flag = f"--{spec.name}"
         if spec.kind == "flag":
             parser.add_argument(flag, action="store_true")
@@ -125,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cli_tokens(name: str, value: Any) -> list[str]:
+def cli_tokens(name: str, value: Any, script: str = TRAIN_NETWORK) -> list[str]:
     """One config.toml entry as the tokens the same option takes on a command line."""
-    spec = load_option_table().get(name)
+    spec = load_option_table(script).get(name)
     if spec is None:
-        raise KeyError(f"train_network.py has no option --{name}")
+        raise KeyError(f"{script} has no option --{name}")
     if spec.kind == "flag":
         return [f"--{name}"] if value else []
     if spec.kind == "list":
@@ -199,7 +231,15 @@ class KeyMapping:
     optimizer_args: bool = False
     accelerate: str | None = None
     unsupported: str | None = None
+    only_script: str | None = None
+    selects_script: str | None = None
     note: str = ""
+
+    def unsupported_for(self, script: str) -> str | None:
+        """Why this key cannot be passed to `script` (None when it can)."""
+        if self.only_script and script != self.only_script:
+            return self.unsupported or f"only {self.only_script} has --{self.arg}"
+        return None if self.only_script else self.unsupported
 
 
 def _args(section: str, *names: str) -> list[KeyMapping]:
@@ -215,10 +255,12 @@ def _net_args(*names: str) -> list[KeyMapping]:
 
 
 MAPPINGS: tuple[KeyMapping, ...] = tuple(
-    _args("model", "pretrained_model_name_or_path", "v2", "v_parameterization", "clip_skip")
+    _args("model", "pretrained_model_name_or_path", "v2", "v_parameterization", "clip_skip", "no_half_vae")
     + [
         KeyMapping("model.allow_pickle_checkpoint",
                    unsupported="a loracli safety switch; sd-scripts loads .ckpt/.pt files without asking"),
+        KeyMapping("model.sdxl", selects_script=SDXL_TRAIN_NETWORK,
+                   note="an SDXL model is trained by sdxl_train_network.py instead of train_network.py"),
     ]
     + [
         KeyMapping("dataset.train_data_dir", subsets="train",
@@ -256,9 +298,14 @@ MAPPINGS: tuple[KeyMapping, ...] = tuple(
     + [
         KeyMapping("training.num_processes", accelerate="num_processes",
                    note="accelerate launch --num_processes N (with --multi_gpu when N > 1)"),
-        KeyMapping("training.cache_text_encoder_outputs",
+        KeyMapping("training.cache_text_encoder_outputs", arg="cache_text_encoder_outputs",
+                   only_script=SDXL_TRAIN_NETWORK,
                    unsupported="train_network.py (SD1.x/2.x) has no --cache_text_encoder_outputs; only the SDXL "
                                "script does"),
+        KeyMapping("training.cache_text_encoder_outputs_to_disk", arg="cache_text_encoder_outputs_to_disk",
+                   only_script=SDXL_TRAIN_NETWORK,
+                   unsupported="train_network.py (SD1.x/2.x) has no --cache_text_encoder_outputs_to_disk; only the "
+                               "SDXL script does"),
         KeyMapping("output.output_dir", arg="output_dir",
                    note="loracli makes a run folder inside it; sd-scripts writes into it directly"),
     ]
@@ -287,6 +334,8 @@ DERIVED_ARGS = {
     "sdpa": "loracli always uses SDPA attention unless training.xformers is set",
     "dataset_config": "the dataset TOML written next to config.toml",
 }
+# Options only sdxl_train_network.py has: given with a truthy value, they show an input is for SDXL.
+SDXL_ONLY_ARGS = tuple(sorted(set(raw_options(SDXL_TRAIN_NETWORK)) - set(raw_options(TRAIN_NETWORK))))
 
 
 def mapping_for(key: str) -> KeyMapping:

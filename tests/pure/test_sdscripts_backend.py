@@ -71,10 +71,10 @@ def direct_launch(monkeypatch):
     calls = []
     real_launch_command = backend.launch_command
 
-    def launch(python, num_processes, export_dir):
-        real = real_launch_command(python, num_processes, export_dir)
+    def launch(python, num_processes, export_dir, script="train_network.py"):
+        real = real_launch_command(python, num_processes, export_dir, script)
         calls.append(real)
-        return [python, *real[real.index("train_network.py"):]]
+        return [python, *real[real.index(script):]]
 
     monkeypatch.setattr(backend, "launch_command", launch)
     return calls

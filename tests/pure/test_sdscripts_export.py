@@ -58,10 +58,13 @@ def test_mapping_covers_every_config_key_and_reads_both_ways():
     keys = {f"{section}.{key}" for section, names in all_keys().items() for key in names}
     assert {m.key for m in options.MAPPINGS} == keys
     table = options.load_option_table()
+    sdxl_table = options.load_option_table("sdxl_train_network.py")
     for m in options.MAPPINGS:
-        assert sum(bool(x) for x in (m.arg, m.dataset, m.subsets, m.network_arg, m.accelerate, m.unsupported)) >= 1
+        assert sum(bool(x) for x in (m.arg, m.dataset, m.subsets, m.network_arg, m.accelerate, m.unsupported,
+                                     m.selects_script)) >= 1
         if m.arg:
-            assert m.arg in table, m.key
+            assert m.arg in (sdxl_table if m.only_script == "sdxl_train_network.py" else table), m.key
+            assert m.arg in sdxl_table, m.key  # the SDXL script takes every train_network.py option
             assert options.key_for_arg(m.arg) == m.key
         if m.dataset:
             assert options.key_for_dataset_key(m.dataset) == m.key
@@ -279,7 +282,7 @@ def test_mixed_case_extensions_are_warned_about(tmp_path, make_image):
     (tmp_path / "data" / "3_cat" / "b.txt").write_text("cat")
     make_image(tmp_path / "data" / "dogs" / "c.png", 64, 64)  # no <repeats>_ prefix: skipped by both
     config = tmp_path / "c.toml"
-    config.write_text('[model]\npretrained_model_name_or_path = "m"\n[dataset]\ntrain_data_dir = "data"\n'
+    config.write_text('[model]\npretrained_model_name_or_path = "tiny:sd15"\n[dataset]\ntrain_data_dir = "data"\n'
                       "resolution = 64\nmin_bucket_reso = 64\n[training]\nmax_train_epochs = 1\n")
     resolved = resolve_config(config, [], [])
     exp = build_export(resolved.config, build_plan(resolved))
