@@ -178,7 +178,7 @@ def probe_folder(folder: Path, where: str) -> tuple[str, str]:
     if in_channels != 4:
         raise ConfigError(Problem(where, f"a model whose UNet takes {in_channels} channels ({cls}), not a "
                                   "text-to-image base model", "use an SD1.x, SD2.x or SDXL base model"))
-    if cls and "StableDiffusion" not in cls:
+    if cls and "StableDiffusion" not in cls and not xl_signs:
         raise ConfigError(Problem(where, f"a {cls} model; loracli trains Stable Diffusion 1.x, 2.x and SDXL",
                                   "use an SD1.x, SD2.x or SDXL base model"))
     needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
