@@ -72,3 +72,41 @@ def test_a_value_sd_scripts_cannot_carry_is_caught(tmp_path):
     back = resolve_config(imported)
     assert back.config.output.save_state_every_n_steps is None
     assert back.config.model_dump()["dataset"] == original.config.model_dump()["dataset"]
+
+
+SDXL_CASES = {
+    "sdxl-lora": ["model.sdxl=true", "dataset.bucket_reso_steps=32", "model.no_half_vae=true",
+                  'training.mixed_precision="fp16"'],
+    "sdxl-locon-te-lrs": ["model.sdxl=true", 'network.network_module="lycoris.kohya"', 'network.algo="locon"', "network.conv_dim=4", "network.conv_alpha=1",
+                          "optimizer.text_encoder_lr=[1e-4, 5e-5]", "optimizer.unet_lr=2e-4"],
+    "sdxl-loha-cached-te": ["model.sdxl=true", 'network.network_module="lycoris.kohya"', 'network.algo="loha"', "network.conv_dim=4",
+                            "network.network_train_unet_only=true", "training.cache_text_encoder_outputs=true",
+                            "training.cache_text_encoder_outputs_to_disk=true", "dataset.shuffle_caption=false"],
+    "sdxl-lokr": ["model.sdxl=true", 'network.network_module="lycoris.kohya"', 'network.algo="lokr"', "network.factor=4"],
+}
+
+
+@pytest.mark.parametrize("via", ["config.toml", "train.sh"])
+@pytest.mark.parametrize("case", list(SDXL_CASES))
+def test_sdxl_export_then_import_gives_the_same_config(tmp_path, case, via):
+    """SDXL: sdxl_train_network.py's files come back as the same SDXL config, read from config.toml (its
+    first-line comment names the script) or from train.sh (the script name on the command line)."""
+    sets = ['model.pretrained_model_name_or_path="tiny:sdxl"', *SDXL_CASES[case]]
+    original = resolve_config(EXAMPLE, [], sets)
+    exported = build_export(original.config, build_plan(original))
+    assert exported.script == "sdxl_train_network.py"
+    out_dir = tmp_path / "export"
+    write_export(out_dir, exported)
+    if via == "config.toml":
+        result = import_file(out_dir / CONFIG_FILE, out_dir / DATASET_FILE)
+    else:
+        result = import_file(out_dir / "train.sh")
+        # train.sh's own accelerate setting has no loracli key (loracli runs accelerate itself)
+        assert set(result.unsupported) == {"accelerate --num_cpu_threads_per_process"}
+        result.unsupported.clear()
+    assert result.unsupported == {}
+    imported = tmp_path / "imported.toml"
+    imported.write_text(render_toml(result), encoding="utf-8")
+    back = resolve_config(imported)
+    assert back.config.model.sdxl is True
+    assert back.config.model_dump() == original.config.model_dump()

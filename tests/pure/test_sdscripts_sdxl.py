@@ -250,3 +250,33 @@ def test_written_sdxl_config_toml_keeps_its_script_through_import(tmp_path):
     assert "sdxl" not in {k for section in written.values() for k in section}  # no key sd-scripts lacks
     result = import_file(tmp_path / CONFIG_FILE, tmp_path / DATASET_FILE)
     assert result.values["model"]["sdxl"] is True
+
+
+# --- --backend sd-scripts ------------------------------------------------------------------------------------------
+
+
+def test_backend_launches_the_sdxl_script(tmp_path, monkeypatch):
+    from loracli.sdscripts import backend
+    from tests.pure.test_sdscripts_backend import STAND_IN
+
+    checkout = tmp_path / "sd-scripts"
+    checkout.mkdir()
+    (checkout / "train_network.py").write_text(STAND_IN)
+    sets = [a for s in SDXL_SETS for a in ("--set", s)]
+    # a checkout without the SDXL script: refused before any run folder is made
+    result = run_cli("train", "--config", EXAMPLE, *sets, "--backend", "sd-scripts", "--sd-scripts-dir", checkout,
+                     "--output-dir", tmp_path / "runs")
+    assert result.exit_code == 2 and f"no {SDXL}" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+    (checkout / SDXL).write_text(STAND_IN)
+    real = backend.launch_command
+    monkeypatch.setattr(backend, "launch_command", lambda python, n, export_dir, script: [
+        python, *real(python, n, export_dir, script)[real(python, n, export_dir, script).index(script):]])
+    result = run_cli("train", "--config", EXAMPLE, *sets, "--backend", "sd-scripts", "--sd-scripts-dir", checkout,
+                     "--output-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    recorded = json.loads((run_dir / "argv.json").read_text())
+    assert recorded["argv"][0] == SDXL and recorded["cwd"] == str(checkout)
+    assert f"({SDXL})" in result.stdout
