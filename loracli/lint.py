@@ -319,7 +319,7 @@ def lint_network_weights(config: LoracliConfig, family: ModelFamily) -> list[Fin
     if path is None:
         return []
     key = "network.network_weights"
-    where = f"{key}: {path.name}"
+    where = f"{path.name} ({key})"
     header = read_header(path)
     modules = collect_modules(header)
     if not is_lora_file(modules):
@@ -331,7 +331,7 @@ def lint_network_weights(config: LoracliConfig, family: ModelFamily) -> list[Fin
     fits = found is None or found == family.name or (found == "sd1/sd2" and family.name in ("sd1", "sd2"))
     if not fits:
         titles = " or ".join(FAMILIES[f].title for f in found.split("/"))
-        out.append(Finding("error", "E16", key, f"{path} is a {titles} LoRA ({evidence}) but this run trains "
+        out.append(Finding("error", "E16", key, f"{path} is an {titles} LoRA ({evidence}) but this run trains "
                            f"{family.title}", "give a LoRA trained on this base model's family, or change the "
                            "model"))
     algos = {m.algo for m in modules if m.algo in _FILE_ALGOS}

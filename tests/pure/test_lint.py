@@ -8,7 +8,7 @@ import pytest
 
 from loracli.config.loader import resolve_config
 from loracli.errors import ConfigError, DatasetError
-from loracli.family import SD1
+from loracli.family import SD1, SD2, SDXL
 from loracli.lint import estimate_clip_tokens, lint_config, read_sample_prompts
 from loracli.plan import build_plan
 from tests.pure.cli_helpers import EXAMPLE_DATASET_TOML
@@ -16,12 +16,12 @@ from tests.pure.cli_helpers import EXAMPLE_DATASET_TOML
 BASE = EXAMPLE_DATASET_TOML
 
 
-def codes(tmp_path: Path, extra: str = "", presets=(), sets=()) -> dict[str, list[str]]:
+def codes(tmp_path: Path, extra: str = "", presets=(), sets=(), family=SD1) -> dict[str, list[str]]:
     cfg = tmp_path / "c.toml"
     cfg.write_text(BASE + extra)
     resolved = resolve_config(cfg, list(presets), list(sets))
     out: dict[str, list[str]] = {}
-    for f in lint_config(resolved.config, SD1, resolved.origins):
+    for f in lint_config(resolved.config, family, resolved.origins):
         out.setdefault(f.code, []).append(f.key)
     return out
 
@@ -60,6 +60,23 @@ def test_e4_also_when_the_text_encoder_trains(tmp_path):
     assert "E4" in codes(tmp_path, sets=["training.cache_text_encoder_outputs=true"])
     assert "E4" not in codes(tmp_path, sets=["training.cache_text_encoder_outputs=true",
                                              "network.network_train_unet_only=true"])
+    # sd-scripts asserts network_train_unet_only itself, even with the text-encoder lr at 0.
+    assert "E4" in codes(tmp_path, sets=["training.cache_text_encoder_outputs=true", "optimizer.text_encoder_lr=0"],
+                         family=SDXL)
+
+
+@pytest.mark.parametrize("extra", ["token_warmup_step=10", "shuffle_caption=true"])
+def test_e4_names_both_keys_for_the_disk_cache_and_token_warmup(tmp_path, extra):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE)
+    resolved = resolve_config(cfg, [], ["training.cache_text_encoder_outputs_to_disk=true",
+                                        "network.network_train_unet_only=true", f"dataset.{extra}"])
+    (finding,) = [f for f in lint_config(resolved.config, SDXL, resolved.origins) if f.code == "E4"]
+    assert finding.key == "training.cache_text_encoder_outputs_to_disk"
+    assert f"dataset.{extra.split('=')[0]}" in finding.message
+    unet_only = resolve_config(cfg, [], ["training.cache_text_encoder_outputs_to_disk=true"])
+    (missing,) = [f for f in lint_config(unet_only.config, SDXL, unet_only.origins) if f.code == "E4"]
+    assert "network.network_train_unet_only" in missing.message
 
 
 @pytest.mark.parametrize("aug", ["color_aug", "random_crop"])
@@ -77,6 +94,14 @@ def test_e6_max_token_length(tmp_path):
 def test_e7_empty_output_name(tmp_path):
     assert "E7" in codes(tmp_path, sets=["output.output_name=''"])
     assert "E7" in codes(tmp_path, sets=['output.output_name="  "'])
+
+
+def test_e8_bucket_steps_follow_the_family(tmp_path):
+    sets = ["dataset.bucket_reso_steps=32", "dataset.min_bucket_reso=64", "dataset.max_bucket_reso=256"]
+    assert codes(tmp_path, sets=sets, family=SD1)["E8"] == ["dataset.bucket_reso_steps"]
+    assert codes(tmp_path, sets=sets, family=SD2)["E8"] == ["dataset.bucket_reso_steps"]
+    assert "E8" not in codes(tmp_path, sets=sets, family=SDXL)
+    assert codes(tmp_path, sets=["dataset.bucket_reso_steps=48"], family=SDXL)["E8"] == ["dataset.bucket_reso_steps"]
 
 
 def test_e8_bucket_rules(tmp_path):
@@ -189,6 +214,51 @@ def test_w12_bucket_limits_not_multiples(tmp_path):
     assert "W12" in found
 
 
+# --- the family's own rules -----------------------------------------------------------------------
+
+XL_OK = ["dataset.resolution=1024", "dataset.max_bucket_reso=2048", "network.network_train_unet_only=true"]
+
+
+def test_w19_sdxl_below_768(tmp_path):
+    assert codes(tmp_path, sets=["dataset.resolution=512"], family=SDXL)["W19"] == ["dataset.resolution"]
+    assert codes(tmp_path, sets=["dataset.resolution=[1024, 640]", "dataset.max_bucket_reso=2048"],
+                 family=SDXL)["W19"] == ["dataset.resolution"]
+    assert "W19" not in codes(tmp_path, sets=XL_OK, family=SDXL)
+    assert "W19" not in codes(tmp_path, sets=["dataset.resolution=512"], family=SD1)
+
+
+def test_w20_sdxl_fp16_vae(tmp_path):
+    assert codes(tmp_path, sets=XL_OK + ["training.mixed_precision='fp16'"], family=SDXL)["W20"] == \
+        ["model.no_half_vae"]
+    for fine in (["training.mixed_precision='fp16'", "model.no_half_vae=true"], ["training.mixed_precision='bf16'"]):
+        assert "W20" not in codes(tmp_path, sets=XL_OK + fine, family=SDXL)
+    assert "W20" not in codes(tmp_path, sets=["training.mixed_precision='fp16'"], family=SD1)
+
+
+def test_w21_sdxl_text_encoder_training_is_informational(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE)
+    resolved = resolve_config(cfg, [], ["dataset.resolution=1024", "dataset.max_bucket_reso=2048"])
+    (finding,) = [f for f in lint_config(resolved.config, SDXL, resolved.origins) if f.code == "W21"]
+    assert finding.level == "warning" and finding.message.startswith("informational")
+    assert "The Other LoRA Training Rentry" in finding.source and "8 GB" in finding.hint
+    assert "W21" not in codes(tmp_path, sets=XL_OK, family=SDXL)
+    assert "W21" not in codes(tmp_path, sets=XL_OK[:2] + ["optimizer.text_encoder_lr=[0.0, 0.0]"], family=SDXL)
+    assert "W21" in codes(tmp_path, sets=XL_OK[:2] + ["optimizer.text_encoder_lr=[0.0, 1e-5]"], family=SDXL)
+
+
+def test_w22_clip_skip_ignored_on_sdxl(tmp_path):
+    assert codes(tmp_path, sets=XL_OK + ["model.clip_skip=2"], family=SDXL)["W22"] == ["model.clip_skip"]
+    assert "W22" not in codes(tmp_path, sets=["model.clip_skip=2"], family=SD1)
+
+
+def test_w23_two_text_encoder_lrs_on_one_encoder(tmp_path):
+    found = codes(tmp_path, sets=["optimizer.text_encoder_lr=[5e-5, 1e-5]"], family=SD2)
+    assert found["W23"] == ["optimizer.text_encoder_lr"]
+    assert "W23" not in codes(tmp_path, sets=XL_OK + ["optimizer.text_encoder_lr=[5e-5, 1e-5]"], family=SDXL)
+    assert "W23" not in codes(tmp_path, sets=["optimizer.text_encoder_lr=[5e-5]"], family=SD1)
+
+
 def plan_warnings(tmp_path, make_image, extra="", setup=None):
     data = tmp_path / "data"
     for i in range(4):
@@ -283,3 +353,77 @@ def test_w13_buckets_smaller_than_batch(tmp_path, make_image):
     cfg.write_text(BASE.replace("max_train_epochs = 4", "max_train_epochs = 4\ntrain_batch_size = 4"))
     plan = build_plan(resolve_config(cfg))
     assert "W13" in {w["code"] for w in plan.warnings}
+
+
+# --- network_weights: read at plan time --------------------------------------------------------------
+
+XL_Q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+SD1_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def lora_file(path: Path, modules: dict[str, tuple[int, int]], rank: int = 4, conv: dict | None = None) -> Path:
+    from tests.pure.test_model_probe import write_safetensors
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, (n_in, n_out) in modules.items():
+        shapes |= {f"{name}.lora_down.weight": (rank, n_in), f"{name}.lora_up.weight": (n_out, rank),
+                   f"{name}.alpha": ()}
+    for name, (n_in, n_out, conv_rank) in (conv or {}).items():
+        shapes |= {f"{name}.lora_down.weight": (conv_rank, n_in, 3, 3), f"{name}.lora_up.weight": (n_out, conv_rank, 1, 1),
+                   f"{name}.alpha": ()}
+    return write_safetensors(path, shapes)
+
+
+def plan_with_weights(tmp_path, make_image, weights: Path, model="tiny:sd15", *sets: str):
+    from tests.pure.cli_helpers import make_dataset, run_cli
+
+    make_dataset(tmp_path, make_image)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE.replace("tiny:sd15", model) + f"[network]\nnetwork_weights = '{weights}'\n")
+    return run_cli("plan", "--config", cfg, *[a for s in sets for a in ("--set", s)])
+
+
+@pytest.mark.parametrize(("model", "modules", "words"), [
+    ("tiny:sd15", {XL_Q: (640, 640), "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768)},
+     "is an SDXL LoRA (two text encoders (lora_te1_/lora_te2_)) but this run trains SD1.x"),
+    ("tiny:sd15", {XL_Q: (640, 640)}, "is an SDXL LoRA (SDXL UNet module names"),
+    ("tiny:sdxl", {SD1_Q: (320, 320), "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (768, 768)},
+     "is an SD1.x LoRA (text encoder width 768) but this run trains SDXL"),
+    ("tiny:sdxl", {SD1_Q: (320, 320)}, "is an SD1.x or SD2.x LoRA"),
+])
+def test_e16_lora_of_another_family(tmp_path, make_image, model, modules, words):
+    weights = lora_file(tmp_path / "old.safetensors", modules)
+    result = plan_with_weights(tmp_path, make_image, weights, model)
+    assert result.exit_code == 2, result.output
+    assert "network.network_weights" in result.stderr and "[E16]" in result.stderr
+    assert str(weights) in result.stderr and words in result.stderr.replace("\n", " ")
+
+
+def test_e15_e17_not_a_lora_and_other_ranks(tmp_path, make_image):
+    from tests.pure.test_model_probe import sd1_file
+
+    base = sd1_file(tmp_path / "base.safetensors")
+    result = plan_with_weights(tmp_path, make_image, base)
+    assert result.exit_code == 2 and "[E15]" in result.stderr and "is not a LoRA/LyCORIS file" in result.stderr
+    weights = lora_file(tmp_path / "old.safetensors", {SD1_Q: (32, 32)}, rank=8)
+    wrong = plan_with_weights(tmp_path, make_image, weights)
+    assert wrong.exit_code == 2
+    assert "network.network_dim: [E17] 4 but old.safetensors (network.network_weights) has rank 8" in wrong.stderr
+    assert "set network.network_dim = 8" in wrong.stderr
+    assert plan_with_weights(tmp_path, make_image, weights, "tiny:sd15", "network.network_dim=8").exit_code == 0
+    locon = lora_file(tmp_path / "locon.safetensors", {SD1_Q: (32, 32)}, rank=8,
+                      conv={"lora_unet_down_blocks_0_resnets_0_conv1": (32, 32, 2)})
+    dropped = plan_with_weights(tmp_path, make_image, locon, "tiny:sd15", "network.network_dim=8")
+    assert dropped.exit_code == 2 and "network.conv_dim: [E17] is unset" in dropped.stderr
+    assert plan_with_weights(tmp_path, make_image, locon, "tiny:sd15", "network.network_dim=8",
+                             "network.conv_dim=2", "network.algo='locon'").exit_code == 0
+    loha = plan_with_weights(tmp_path, make_image, weights, "tiny:sd15", "network.network_dim=8",
+                             "network.algo='loha'")
+    assert loha.exit_code == 2 and "holds lora modules but network.algo is 'loha'" in loha.stderr
+
+
+def test_corrupt_network_weights_is_exit_3(tmp_path, make_image):
+    broken = tmp_path / "old.safetensors"
+    broken.write_bytes(b"\x00" * 4)
+    result = plan_with_weights(tmp_path, make_image, broken)
+    assert result.exit_code == 3 and "old.safetensors" in result.stderr and "Traceback" not in result.output
