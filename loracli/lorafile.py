@@ -129,7 +129,7 @@ def parse_value(text: str) -> Any:
 def parse_json_value(text: str) -> Any:
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
+    except (json.JSONDecodeError, TypeError, RecursionError):  # crafted metadata: shown as the text it is
         return parse_value(text)
 
 

@@ -9,19 +9,22 @@ jobs and resumes interrupted ones from their last saved state.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from loracli.config.loader import resolve_config
-from loracli.errors import EXIT_INTERRUPTED, LoracliError
+from loracli.errors import EXIT_INTERRUPTED, ConfigError, Problem, crash_line, from_exception, write_crash_report
 from loracli.plan import build_plan
 from loracli.rundir import atomic_write_json
 
@@ -55,8 +58,21 @@ class QueueFile:
 
     @classmethod
     def load(cls, path: Path) -> QueueFile:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        return cls(path, data.get("jobs", {}))
+        """The queue file; a damaged one is one clear error (it is only a memo: deleting it is safe)."""
+        if not path.exists():
+            return cls(path, {})
+        hint = "delete it (finished run folders stay; the queue then runs every job again) or pass another --queue-file"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ConfigError(Problem(f"--queue-file {path}", f"is not a queue file ({exc})"[:300], hint)) from None
+        except OSError as exc:
+            raise ConfigError(Problem(f"--queue-file {path}", f"cannot be read ({exc.strerror or exc})",
+                                      hint)) from None
+        jobs = data.get("jobs", {}) if isinstance(data, dict) else None
+        if not isinstance(jobs, dict) or not all(isinstance(j, dict) for j in jobs.values()):
+            raise ConfigError(Problem(f"--queue-file {path}", "is not a queue file (no \"jobs\" table)", hint))
+        return cls(path, jobs)
 
     def record(self, job: Job) -> None:
         self.jobs[job.key] = asdict(job)
@@ -64,21 +80,40 @@ class QueueFile:
 
 
 def _run_status(run_dir: str | None) -> dict:
+    """A job's status.json; {} when there is none or it cannot be read (the job's exit code still counts)."""
     path = Path(run_dir or "") / "status.json"
-    return json.loads(path.read_text()) if run_dir and path.is_file() else {}
+    if not run_dir or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def failure_text(exc: BaseException) -> str:
+    """One line for a job that failed in this process: its problems, or the crash report of a bug."""
+    known = from_exception(exc)
+    if known is not None:
+        return "; ".join(p.render() for p in known.problems)
+    return crash_line(exc, write_crash_report(exc))
 
 
 def plan_jobs(configs: list[Path], presets: list[str], log, backend: str = "loracli",
               sd_scripts_dir: Path | None = None) -> list[Job]:
-    """Validate and plan every job now; invalid ones are marked and will not run."""
+    """Validate and plan every job now; invalid ones are marked and will not run. Whatever goes wrong
+    with one job (a bad config, an unreadable file, a bug) is recorded against it: the others still run."""
     jobs = []
     checkout = str(sd_scripts_dir.absolute()) if sd_scripts_dir else None
     for config in configs:
-        job = Job(str(config.resolve()), list(presets), backend=backend, sd_scripts_dir=checkout)
+        job = Job(str(config.absolute()), list(presets), backend=backend, sd_scripts_dir=checkout)
         try:
+            job.config = str(config.resolve())
             job.total_steps = build_plan(resolve_config(config, presets, [])).total_steps
-        except LoracliError as exc:
-            job.status, job.error = "invalid", "; ".join(p.render() for p in exc.problems)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- recorded with its reason, never swallowed
+            job.status, job.error = "invalid", failure_text(exc)
             log(f"invalid: {config}: {job.error}")
         jobs.append(job)
     return jobs
@@ -95,32 +130,65 @@ def _train_command(job: Job, resume: bool) -> list[str]:
     return base + ["--config", job.config] + [a for p in job.presets for a in ("--preset", p)]
 
 
-def _run_job(job: Job, resume: bool, log) -> int:
-    """Train one job in a child process, streaming its output and noting its run folder."""
+def _run_job(job: Job, resume: bool, log) -> tuple[int, str | None]:
+    """Train one job in a child process, streaming its output and noting its run folder.
+    Returns (exit code, the child's last `error:` line, if any)."""
     proc = subprocess.Popen(_train_command(job, resume), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+                            text=True, bufsize=1, errors="replace")
     assert proc.stdout is not None
+    last_error = None
     for line in proc.stdout:
         log(line.rstrip("\n"))
         if line.startswith("run folder: "):
             job.run_dir = line.removeprefix("run folder: ").strip()
-    return proc.wait()
+        elif line.startswith("error: "):
+            last_error = line.removeprefix("error: ").strip()
+    return proc.wait(), last_error
+
+
+def check_notifications(command: str | None, webhook: str | None) -> None:
+    """Refuse, before the first job, a notify command whose program is not there or a webhook that is not
+    an http(s) URL: found at the end of the first job, they would only be warnings all night."""
+    if command:
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise ConfigError(Problem(f"--notify-command {command}", f"cannot be split into words ({exc})",
+                                      "check the quotes")) from None
+        if not argv or shutil.which(argv[0]) is None:
+            raise ConfigError(Problem(f"--notify-command {command}",
+                                      f"program {argv[0] if argv else '(none)'!r} not found",
+                                      "give a program on PATH or its full path"))
+    if webhook:
+        parts = urllib.parse.urlsplit(webhook)
+        try:
+            parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ConfigError(Problem(f"--webhook {webhook}", "is not an http:// or https:// URL",
+                                      "e.g. --webhook http://127.0.0.1:8000/hook"))
 
 
 def notify(job: Job, event: str, command: str | None, webhook: str | None, log) -> None:
+    """Run the notify command and POST the webhook; any failure of either is a warning, never the queue's end."""
     body = {"event": event, **asdict(job)}
     if command:
         env = dict(os.environ, LORACLI_EVENT=event, LORACLI_JOB=job.config, LORACLI_STATUS=job.status,
                    LORACLI_RUN_DIR=job.run_dir or "", LORACLI_JSON=json.dumps(body))
-        code = subprocess.call(shlex.split(command), env=env)
-        if code:
-            log(f"warning: notify command exited {code}")
-    if webhook:
-        request = urllib.request.Request(webhook, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
         try:
+            code = subprocess.call(shlex.split(command), env=env, timeout=120)
+            if code:
+                log(f"warning: notify command exited {code}")
+        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            log(f"warning: notify command {command!r} failed: {exc}")
+    if webhook:
+        try:
+            request = urllib.request.Request(webhook, data=json.dumps(body).encode(), method="POST",
+                                             headers={"Content-Type": "application/json"})
             urllib.request.urlopen(request, timeout=10).close()
-        except OSError as exc:  # a notification failing must not stop the queue
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError is an OSError
             log(f"warning: webhook {webhook} failed: {exc}")
 
 
@@ -139,6 +207,7 @@ def run_queue(configs: list[Path], presets: list[str], queue_file: Path, retries
         from loracli.sdscripts.backend import find_checkout
 
         sd_scripts_dir = find_checkout(sd_scripts_dir)  # once, before any job: a bad path fails every job
+    check_notifications(notify_command, webhook)
     state = QueueFile.load(queue_file)
     jobs = plan_jobs(configs, presets, log, backend, sd_scripts_dir)
     measured_steps, measured_seconds = 0, 0.0
@@ -162,13 +231,18 @@ def run_queue(configs: list[Path], presets: list[str], queue_file: Path, retries
             job.status, job.attempts = "running", job.attempts + 1
             state.record(job)
             started = time.time()
-            code = _run_job(job, resume, log)
+            try:
+                code, last_error = _run_job(job, resume, log)
+            except OSError as exc:  # the child could not even start: this job fails, the queue goes on
+                code, last_error = 4, failure_text(exc)
             job.seconds += time.time() - started
             status = _run_status(job.run_dir)
             job.steps, job.error = status.get("step", 0), status.get("error")
+            if code not in (0, EXIT_INTERRUPTED) and not job.error:  # failed before its status.json said why
+                job.error = last_error or f"the training process exited with code {code}"
             if code == 0:
                 job.status = "finished"
-                job.output = str(Path(job.run_dir) / _final_name(job.run_dir)) if job.run_dir else None
+                job.output = _final_output(job.run_dir)
                 measured_steps += job.steps
                 measured_seconds += time.time() - started
             elif code == EXIT_INTERRUPTED:
@@ -189,6 +263,12 @@ def run_queue(configs: list[Path], presets: list[str], queue_file: Path, retries
     return jobs
 
 
-def _final_name(run_dir: str) -> str:
-    plan = json.loads((Path(run_dir) / "plan.json").read_text())
-    return plan["expected_files"][-1]
+def _final_output(run_dir: str | None) -> str | None:
+    """The run's final LoRA file, as its plan names it; None when the plan cannot be read."""
+    if not run_dir:
+        return None
+    try:
+        plan = json.loads((Path(run_dir) / "plan.json").read_text(encoding="utf-8"))
+        return str(Path(run_dir) / plan["expected_files"][-1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None

@@ -16,6 +16,7 @@ import typer
 
 from loracli import __version__
 from loracli.errors import (
+    CONTEXT,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     ConfigError,
@@ -68,6 +69,7 @@ def guarded(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        CONTEXT.training, CONTEXT.run_dir = False, None  # a fresh command (tests run many in one process)
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
@@ -313,6 +315,8 @@ from loracli.cli.grid_cmd import register as _register_grid  # noqa: E402
 _register_grid(app)
 from loracli.cli.import_cmd import register as _register_import  # noqa: E402
 _register_import(app)
+from loracli.cli.tools_cmd import register as _register_tools  # noqa: E402
+_register_tools(app)
 
 
 def main() -> None:
