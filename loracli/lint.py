@@ -139,9 +139,14 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
         else:
             w, h = ds.resolution_wh
             if min(w, h) < ds.min_bucket_reso or max(w, h) > ds.max_bucket_reso:
+                came_from = sorted({origins[k] for k in ("dataset.min_bucket_reso", "dataset.max_bucket_reso")
+                                    if k in origins})
+                limits = f" (set by {', '.join(came_from)})" if came_from else " (the defaults)"
                 out.append(Finding("error", "E8", "dataset.resolution",
-                                   f"{w}x{h} lies outside the bucket limits {ds.min_bucket_reso}-{ds.max_bucket_reso}",
-                                   "widen min_bucket_reso/max_bucket_reso", SD_BUCKETS))
+                                   f"{w}x{h} lies outside the bucket limits {ds.min_bucket_reso}-{ds.max_bucket_reso}"
+                                   f"{limits}",
+                                   "widen dataset.min_bucket_reso/max_bucket_reso or change the resolution",
+                                   SD_BUCKETS))
     # E9: nothing to plan.
     if tr.max_train_epochs is None and tr.max_train_steps is None:
         out.append(Finding("error", "E9", "training.max_train_epochs",

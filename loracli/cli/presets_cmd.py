@@ -15,8 +15,10 @@ from loracli.errors import ConfigError, Problem
 
 def list_presets() -> None:
     table = Table(title="presets", title_justify="left")
-    for col in ("name", "description", "source", "file"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    table.add_column("description", ratio=3)
+    table.add_column("source", ratio=2)
+    table.add_column("file", overflow="fold", ratio=2)  # folded, never cut: the path is for copying
     for name in available():
         p = load_preset(name)
         table.add_row(name, p.description, p.source, str(p.path))

@@ -63,12 +63,12 @@ def test_strict_turns_warnings_into_exit_2(tmp_path, make_image):
 def test_presets_list_show_copy(tmp_path):
     listed = run_cli("presets", "list")
     assert listed.exit_code == 0
-    for name in ("dadapt-v3", "prodigy", "adamw8bit", "locon"):
+    for name in ("dadapt-v3", "prodigy", "adamw8bit", "locon", "sdxl-lowvram"):
         assert name in listed.stdout
     shown = run_cli("presets", "show", "dadapt-v3")
     assert shown.exit_code == 0
     for text in ("optimizer.optimizer_type", "DAdaptAdam", "optimizer.optimizer_args.weight_decay", "0.4",
-                 "seed 000", "main knob"):
+                 "Lazy DAdaptation Guide", "main knob"):
         assert text in shown.stdout, text
     dest = tmp_path / "mine.toml"
     copied = run_cli("presets", "copy", "prodigy", dest)

@@ -104,6 +104,14 @@ def test_e8_bucket_steps_follow_the_family(tmp_path):
     assert codes(tmp_path, sets=["dataset.bucket_reso_steps=48"], family=SDXL)["E8"] == ["dataset.bucket_reso_steps"]
 
 
+def test_e8_says_where_the_bucket_limits_came_from(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(BASE.replace("min_bucket_reso = 64\nmax_bucket_reso = 256\n", ""))
+    resolved = resolve_config(cfg, ["prodigy"], [])
+    (finding,) = [f for f in lint_config(resolved.config, SD1, resolved.origins) if f.code == "E8"]
+    assert "128x128 lies outside the bucket limits 320-768 (set by preset prodigy)" in finding.message
+
+
 def test_e8_bucket_rules(tmp_path):
     assert codes(tmp_path, sets=["dataset.min_bucket_reso=512"])["E8"] == ["dataset.min_bucket_reso"]
     assert codes(tmp_path, sets=["dataset.resolution=512"])["E8"] == ["dataset.resolution"]
