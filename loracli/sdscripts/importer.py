@@ -282,10 +282,14 @@ def _from_shell(path: Path, text: str, dataset_config: Path | None,
     for token in cmd.stray:
         result.skip(token, "not part of any --option")
     args = dict(cmd.args)
-    for name, variable in cmd.unresolved.items():
+    for name, what in cmd.unresolved.items():
         args.pop(name, None)
-        result.skip(f"--{name}", f"uses {variable}, which the script sets in a way import cannot evaluate "
-                                 "(an expression, or outside the script): set it by hand")
+        if what.startswith(("$", "%")) and what[1:].rstrip("%").replace("_", "").isalnum():
+            reason = (f"uses {what}, which the script sets in a way import cannot evaluate (a command, an "
+                      "expression, or outside the script): set it by hand")
+        else:
+            reason = f"uses {what}, a command import does not run (it never executes the script): set it by hand"
+        result.skip(f"--{name}", reason)
     config_file = args.pop("config_file", None)
     if isinstance(config_file, str):
         found = next((p for p in (Path(config_file), path.parent / config_file) if p.is_file()), None)
