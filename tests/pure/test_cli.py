@@ -141,3 +141,43 @@ def test_help_and_plan_never_import_torch(tmp_path):
         assert proc.returncode == 0, proc.stderr
     probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
     assert probe.returncode != 0 and "blocked in this test" in probe.stderr  # the blocker works
+
+
+def test_plan_names_the_family_and_how_it_was_found(tmp_path, make_image, monkeypatch):
+    from tests.pure.test_model_probe import cache_snapshot, diffusers_folder
+
+    make_dataset(tmp_path, make_image)
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    snapshot = cache_snapshot(cache, "stabilityai/stable-diffusion-xl-base-1.0")
+    diffusers_folder(snapshot, "StableDiffusionXLPipeline", xl=True)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(EXAMPLE_DATASET_TOML.replace("tiny:sd15", "stabilityai/stable-diffusion-xl-base-1.0"))
+    shown = run_cli("plan", "--config", cfg)
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.stdout.split())
+    assert "SDXL (detected from model_index.json (StableDiffusionXLPipeline))" in text
+    assert "found in the Hugging Face cache, revision main (0123456789ab):" in text
+    assert str(snapshot) in shown.stdout.replace("\n", "")
+    plan = json.loads(run_cli("plan", "--config", cfg, "--json").stdout)
+    assert (plan["model_family"], plan["model_path"], plan["model_kind"]) == ("sdxl", str(snapshot), "diffusers")
+    # Not in the cache: one line at plan time that says how to get it.
+    cfg.write_text(EXAMPLE_DATASET_TOML.replace("tiny:sd15", "runwayml/stable-diffusion-v1-5"))
+    missing = run_cli("plan", "--config", cfg)
+    assert missing.exit_code == 3 and "huggingface-cli download runwayml/stable-diffusion-v1-5" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_config_validate_uses_the_family_logic(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(EXAMPLE_DATASET_TOML.replace("[dataset]", "sdxl = true\n[dataset]"))
+    bad = run_cli("config", "validate", cfg)
+    assert bad.exit_code == 2 and "model.sdxl: is true but the model is SD1.x" in bad.stderr
+    cfg.write_text(EXAMPLE_DATASET_TOML.replace("tiny:sd15", "tiny:sdxl"))
+    ok = run_cli("config", "validate", cfg)
+    assert ok.exit_code == 0 and "model: SDXL (detected from the name tiny:sdxl" in ok.stdout
+    assert "W19" in ok.stdout  # 128 px on SDXL
+    # A model that is not on this machine: validate still checks the rest and says so.
+    cfg.write_text(EXAMPLE_DATASET_TOML.replace("tiny:sd15", str(tmp_path / "elsewhere.safetensors")))
+    moved = run_cli("config", "validate", cfg)
+    assert moved.exit_code == 0 and "note:" in moved.stdout and "no such file or folder" in moved.stdout
