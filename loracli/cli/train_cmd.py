@@ -46,8 +46,9 @@ def read_resume_files(run_dir: Path) -> tuple[dict, Plan]:
                                       "give the folder `loracli train` printed as 'run folder'"))
     try:
         LoracliConfig.model_validate(read_toml(run_dir / "config.resolved.toml", "resolved config"))
-    except ValueError as exc:  # pydantic's ValidationError
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except ValueError as exc:  # pydantic's ValidationError: name the first bad key
+        errors = getattr(exc, "errors", lambda: [])()
+        first = (".".join(map(str, errors[0]["loc"])) + ": " + errors[0]["msg"]) if errors else str(exc)[:200]
         raise _damaged(run_dir / "config.resolved.toml", first) from None
     except ConfigError as exc:
         raise DatasetError(exc.problems) from None

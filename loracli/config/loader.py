@@ -61,7 +61,7 @@ class ResolvedConfig:
 def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
     """Parse a TOML file; a missing or malformed file is a one-line config error."""
     if not path.is_file():
-        found = "not a regular file" if path.exists() else "not found"
+        found = "is not a regular file" if path.exists() else "not found"
         raise ConfigError(Problem(str(path), f"{what} {found}", hint="check the path"))
     try:
         # utf-8-sig: Windows editors often start a file with a byte-order mark, which TOML does not allow

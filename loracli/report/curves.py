@@ -38,7 +38,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     not whole JSON (the loop may be writing it right now) or has no finite loss is skipped."""
     path = Path(run_dir) / METRICS_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8", errors="replace")  # damaged bytes only spoil their own line
     except (FileNotFoundError, IsADirectoryError):
         return []
     by_step: dict[int, dict[str, Any]] = {}
@@ -46,7 +46,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
             step, loss = int(record["step"]), float(record["loss"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             continue
         if math.isfinite(loss):
             by_step[step] = {**record, "step": step, "loss": loss}

@@ -8,6 +8,7 @@ finished, failed, interrupted or still-running run.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,18 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(Problem(str(path), "is not valid JSON", "was the run folder edited by hand?")) from None
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DatasetError(Problem(str(path), "is damaged (not valid JSON)",
+                                   "was the run folder edited by hand, or the disk full?")) from None
+    except OSError as exc:
+        raise DatasetError(Problem(str(path), f"cannot be read ({exc.strerror or exc})", "check the path")) from None
     return data if isinstance(data, dict) else {}
+
+
+def _number(value: Any) -> float | int | None:
+    """A field that should be a number, or None (a hand-edited status.json must not crash the report)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return value if number and math.isfinite(value) and abs(value) < 1e15 else None
 
 
 def check_run_dir(run_dir: Path) -> Path:
@@ -77,13 +87,14 @@ def summarize_run(run_dir: Path, curves: bool = True) -> dict[str, Any]:
     plan = _read_json(run_dir / "plan.json")
     records = read_metrics(run_dir)
     written = write_curves(run_dir) if curves else []
-    started, updated = status.get("started_at"), status.get("finished_at") or status.get("updated_at")
-    step = status.get("step") or (records[-1]["step"] if records else 0)
+    started = _number(status.get("started_at"))
+    updated = _number(status.get("finished_at")) or _number(status.get("updated_at"))
+    step = _number(status.get("step")) or (records[-1]["step"] if records else 0)
     wall = updated - started if isinstance(started, (int, float)) and isinstance(updated, (int, float)) else None
     return {
         "run": str(run_dir),
-        "state": status.get("state", "unknown"),
-        "error": status.get("error"),
+        "state": str(status.get("state", "unknown")),
+        "error": None if status.get("error") is None else str(status.get("error")),
         "steps": step,
         "total_steps": status.get("total_steps") or plan.get("total_steps"),
         "epoch": status.get("epoch") or (records[-1].get("epoch") if records else None),
@@ -91,7 +102,7 @@ def summarize_run(run_dir: Path, curves: bool = True) -> dict[str, Any]:
         "started_at": started,
         "wall_seconds": wall,
         # a resumed run's status covers its last process only: count the steps that process made
-        "it_per_s": (step - (status.get("start_step") or 0)) / wall if wall and step else None,
+        "it_per_s": (step - (_number(status.get("start_step")) or 0)) / wall if wall and step else None,
         **_loss_stats(records),
         "logged_steps": len(records),
         "files": _saved_files(run_dir),
@@ -118,7 +129,10 @@ def render_summary(s: dict[str, Any]) -> str:
     epochs = f", epoch {s['epoch']}" + (f"/{s['epochs']}" if s["epochs"] else "") if s["epoch"] else ""
     lines.append(f"{'steps':<12}{s['steps']}{total}{epochs}")
     if s["wall_seconds"] is not None:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["started_at"]))
+        try:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["started_at"]))
+        except (OverflowError, OSError, ValueError):  # a start time no clock can show
+            started = "?"
         speed = f", {s['it_per_s']:.2f} it/s" if s["it_per_s"] else ""
         lines.append(f"{'time':<12}{_duration(s['wall_seconds'])} from {started}{speed}")
     if s["final_loss"] is not None:
