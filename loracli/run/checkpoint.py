@@ -33,12 +33,20 @@ LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "hada_w1", "lokr_w1"
 
 @dataclass
 class SingleFileModel:
-    tokenizer: Any
-    text_encoder: Any
+    tokenizers: list[Any]
+    text_encoders: list[Any]
     vae: Any
     unet: Any
     noise_scheduler: Any
-    detected: str
+    detected: str  # sd1 | sd2 | sdxl
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.text_encoders[0]
 
 
 def _where(path: Path) -> str:
@@ -106,17 +114,19 @@ def check_file_type(path: Path, allow_pickle: bool) -> str:
 
 # --- what the file is -------------------------------------------------------------------------------
 
+def is_sdxl(shapes: dict[str, tuple[int, ...]]) -> bool:
+    return any(k.startswith("conditioner.embedders.") for k in shapes) or f"{UNET}label_emb.0.0.weight" in shapes
+
+
 def detect(shapes: dict[str, tuple[int, ...]], path: Path, v2: bool) -> str:
-    """'sd1' or 'sd2', or a one-line error naming what the file is and what to do."""
+    """'sd1' or 'sd2', or a one-line error naming what the file is and what to do (SDXL files go to
+    loracli.run.checkpoint_sdxl before this)."""
     keys = list(shapes)
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys) or \
             (keys and all(any(m in k for m in LORA_MARKERS) for k in keys[:50])):
         raise DatasetError(Problem(_where(path), "this is a LoRA/LyCORIS file, not a base model",
                                    "point to the SD1.x/2.x checkpoint; continue from a LoRA with "
                                    "network.network_weights"))
-    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET}label_emb.0.0.weight" in shapes:
-        raise ConfigError(Problem(_where(path), "this is an SDXL checkpoint (conditioner.embedders / label_emb "
-                                  "keys); loracli trains SD1.x/2.x models", "use an SD1.x or SD2.x checkpoint"))
     if not any(k.startswith(UNET) for k in keys):
         raise DatasetError(Problem(_where(path), f"not a Stable Diffusion checkpoint ({_describe_other(keys)})",
                                    "give an SD1.x/2.x single-file checkpoint or a diffusers folder"))
@@ -323,7 +333,7 @@ def _text_encoder_state(model: Any, checkpoint: dict[str, Any], v2: bool, layers
 
 
 def load_single_file(path: Path, v2: bool = False, v_parameterization: bool = False,
-                     allow_pickle: bool = False) -> SingleFileModel:
+                     allow_pickle: bool = False, sdxl: bool | None = None) -> SingleFileModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -333,14 +343,19 @@ def load_single_file(path: Path, v2: bool = False, v_parameterization: bool = Fa
     kind = check_file_type(path, allow_pickle)
     if kind == "safetensors":
         shapes = _shapes_safetensors(path)
-        detected = detect(shapes, path, v2)
-        from safetensors.torch import load_file
-
-        checkpoint = load_file(str(path))
+        checkpoint = None
     else:
         checkpoint = _load_pickle(path)
         shapes = {k: tuple(v.shape) for k, v in checkpoint.items()}
-        detected = detect(shapes, path, v2)
+    if is_sdxl(shapes) or sdxl:
+        from loracli.run.checkpoint_sdxl import load_sdxl_single_file
+
+        return load_sdxl_single_file(path, shapes, checkpoint, v2=v2, sdxl=sdxl)
+    detected = detect(shapes, path, v2)
+    if checkpoint is None:
+        from safetensors.torch import load_file
+
+        checkpoint = load_file(str(path))
     try:
         u_config, v_config = unet_config(shapes, v2, v_parameterization), vae_config(shapes)
         t_config = text_encoder_config(shapes, v2)
@@ -364,7 +379,7 @@ def load_single_file(path: Path, v2: bool = False, v_parameterization: bool = Fa
     del checkpoint
     noise_scheduler = DDPMScheduler.from_config(scheduler_config(v_parameterization))
     tokenizer = load_clip_tokenizer(v2)
-    return SingleFileModel(tokenizer, text_encoder, vae, unet, noise_scheduler, detected)
+    return SingleFileModel([tokenizer], [text_encoder], vae, unet, noise_scheduler, detected)
 
 
 

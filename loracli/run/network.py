@@ -7,6 +7,11 @@ decides whether 3x3 convs are wrapped; (3) transformers 5 dropped CLIPTextModel'
 `text_model` level, so text-encoder keys are renamed to the standard
 `lora_te_text_model_...` on save and back on load; (4) `merge_to` double-scales
 LoHa/LoKr, so it is never used.
+
+LyCORIS names modules after the model's own paths. kohya's names differ in two
+places, both handled by one name table built from the models (`kohya_names`):
+the text encoders' `text_model_` level (trap 3) and, for SDXL, the UNet, which
+kohya names in the SAI/ldm layout (`lora_unet_input_blocks_4_1_...`, keymap.py).
 """
 
 from __future__ import annotations
@@ -18,9 +23,8 @@ from pathlib import Path
 import torch
 
 from loracli.errors import ConfigError, Problem
-
-TE_PREFIX = "lora_te_"
-STANDARD_TE = "lora_te_text_model_"  # what A1111, ComfyUI and diffusers expect
+from loracli.family import SD1, ModelFamily
+from loracli.keymap import diffusers_to_sai, kohya_module_name
 TEXT_TARGETS = ["CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP"]
 # kohya's LoRA-LierLa: Linear and 1x1 convs inside the transformer blocks.
 LORA_PRESET = {
@@ -60,12 +64,29 @@ def _preset_for(algo: str) -> dict:
     return LORA_PRESET if algo == "lora" else CONV_PRESET
 
 
-def _has_text_model_level(text_encoder) -> bool:
-    return any(name.startswith("text_model.") for name, _ in text_encoder.named_modules())
+def kohya_names(text_encoders: list, unet, family: ModelFamily) -> dict[str, str]:
+    """LyCORIS' module name → kohya's, for every module of the models (identity where they agree)."""
+    names: dict[str, str] = {}
+    lpb = getattr(getattr(unet, "config", None), "layers_per_block", 2)
+    lpb = lpb if isinstance(lpb, int) else lpb[0]
+    up_attention = frozenset(i for i, t in enumerate(getattr(getattr(unet, "config", None), "up_block_types", ()))
+                             if "CrossAttn" in t)
+    for path, _ in unet.named_modules():
+        if path:
+            kohya = diffusers_to_sai(path, lpb, up_attention) if family.sai_unet_names else path
+            names[kohya_module_name("lora_unet", path)] = kohya_module_name("lora_unet", kohya)
+    for prefix, te in zip(family.text_encoder_prefixes, text_encoders):
+        if te is None:
+            continue
+        for path, _ in te.named_modules():
+            if path:
+                standard = path if path.startswith("text_model.") else f"text_model.{path}"
+                names[kohya_module_name(prefix, path)] = kohya_module_name(prefix, standard)
+    return names
 
 
-def create_network(spec: NetworkSpec, text_encoder, unet):
-    """Build the network, wrap the base model's layers with it, and return it."""
+def create_network(spec: NetworkSpec, text_encoders, unet, family: ModelFamily = SD1):
+    """Build the network, wrap the base model's layers (UNet and each text encoder) with it, and return it."""
     from lycoris.config import PRESET
     from lycoris.kohya import LycorisNetworkKohya, create_network as lycoris_create
     from lycoris.logging import logger as lycoris_logger
@@ -81,13 +102,16 @@ def create_network(spec: NetworkSpec, text_encoder, unet):
         dropout=spec.dropout or 0.0, rank_dropout=spec.rank_dropout, module_dropout=spec.module_dropout,
         use_tucker=spec.use_tucker, use_scalar=spec.use_scalar, **spec.extra_args,
     )
+    text_encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
+    # lycoris names a single encoder lora_te_, several lora_te1_, lora_te2_ (kohya's prefixes)
+    text_encoder = text_encoders if len(text_encoders) > 1 else text_encoders[0]
     network = lycoris_create(1.0, spec.dim, alpha, None, text_encoder, unet, warn_on_unmatched=False, **kwargs)
     network.apply_to(text_encoder, unet, apply_text_encoder=spec.train_text_encoder, apply_unet=spec.train_unet)
     if not network.unet_loras and not network.text_encoder_loras:
         raise ConfigError(Problem("network.algo", f"{spec.algo} found no layers to train in this model"))
     network.requires_grad_(True)
     assert isinstance(network, LycorisNetworkKohya)
-    remember_text_encoder(network, text_encoder)
+    remember_names(network, kohya_names(text_encoders, unet, family))
     return network
 
 
@@ -95,12 +119,22 @@ def count_modules(network) -> tuple[int, int]:
     return len(network.unet_loras), len(network.text_encoder_loras)
 
 
-def prepare_param_groups(network, text_encoder_lr: float | None, unet_lr: float | None,
+def prepare_param_groups(network, text_encoder_lr: float | list[float] | None, unet_lr: float | None,
                          learning_rate: float) -> list[dict]:
-    """sd-scripts' groups: text encoder first, then UNet; a group whose lr is 0 is dropped."""
+    """sd-scripts' groups: text encoder first, then UNet; a group whose lr is 0 is dropped.
+
+    `text_encoder_lr` with two different values (SDXL) gives each encoder its own group, in order.
+    """
+    te_lrs = text_encoder_lr if isinstance(text_encoder_lr, list) else [text_encoder_lr]
+    te_lrs = [learning_rate if lr is None else lr for lr in te_lrs]
+    if len(set(te_lrs)) > 1:
+        te_parts = [(f"textencoder{i + 1}", [lo for lo in network.text_encoder_loras
+                                             if lo.lora_name.startswith(f"lora_te{i + 1}_")], lr)
+                    for i, lr in enumerate(te_lrs)]
+    else:
+        te_parts = [("textencoder", network.text_encoder_loras, te_lrs[0])]
     groups = []
-    for name, loras, lr in (("textencoder", network.text_encoder_loras, text_encoder_lr),
-                            ("unet", network.unet_loras, unet_lr)):
+    for name, loras, lr in (*te_parts, ("unet", network.unet_loras, unet_lr)):
         lr = learning_rate if lr is None else lr
         params = [p for lora in loras for p in lora.parameters() if p.requires_grad]
         if params and lr != 0:
@@ -111,30 +145,24 @@ def prepare_param_groups(network, text_encoder_lr: float | None, unet_lr: float 
     return groups
 
 
-def _te_renamer(text_encoder):
-    """(to_standard, from_standard) for text-encoder key names of this transformers version."""
-    if text_encoder is not None and _has_text_model_level(text_encoder):
-        return (lambda k: k), (lambda k: k)
-    return (
-        lambda k: STANDARD_TE + k[len(TE_PREFIX):] if k.startswith(TE_PREFIX) and not k.startswith(STANDARD_TE)
-        else k,
-        lambda k: TE_PREFIX + k[len(STANDARD_TE):] if k.startswith(STANDARD_TE) else k,
-    )
-
-
-def to_kohya_state_dict(network, text_encoder=None) -> dict[str, torch.Tensor]:
+def to_kohya_state_dict(network) -> dict[str, torch.Tensor]:
     """The network's tensors under the key names every client loads."""
-    te = text_encoder if text_encoder is not None else getattr(network, "_loracli_te", None)
-    to_standard, _ = _te_renamer(te)
-    return {to_standard(k): v.detach() for k, v in network.state_dict().items()}
+    names = getattr(network, "_loracli_names", {})
+    return {_rename(k, names): v.detach() for k, v in network.state_dict().items()}
 
 
-def from_kohya_state_dict(sd: dict[str, torch.Tensor], text_encoder) -> dict[str, torch.Tensor]:
-    _, from_standard = _te_renamer(text_encoder)
-    return {from_standard(k): v for k, v in sd.items()}
+def from_kohya_state_dict(sd: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A kohya-named file's tensors under LyCORIS' names for these models (`kohya_names`)."""
+    back = {kohya: own for own, kohya in names.items()}
+    return {_rename(k, back): v for k, v in sd.items()}
 
 
-def load_network_weights(network, path: Path, text_encoder=None) -> tuple[int, int]:
+def _rename(key: str, names: dict[str, str]) -> str:
+    module, _, rest = key.partition(".")
+    return f"{names.get(module, module)}.{rest}" if rest else names.get(module, module)
+
+
+def load_network_weights(network, path: Path) -> tuple[int, int]:
     """Continue from a LoRA file (network_weights): returns matched (unet, text encoder) modules.
 
     Fails when the file has modules of a part but none of them match this network
@@ -142,9 +170,8 @@ def load_network_weights(network, path: Path, text_encoder=None) -> tuple[int, i
     """
     from safetensors.torch import load_file
 
-    te = text_encoder if text_encoder is not None else getattr(network, "_loracli_te", None)
     try:
-        weights = from_kohya_state_dict(load_file(str(path)), te)
+        weights = from_kohya_state_dict(load_file(str(path)), getattr(network, "_loracli_names", {}))
     except Exception as exc:  # safetensors raises its own error types
         raise ConfigError(Problem(f"network.network_weights: {path}", f"not a readable LoRA file ({exc})")) from None
     own = network.state_dict()
@@ -168,6 +195,6 @@ def load_network_weights(network, path: Path, text_encoder=None) -> tuple[int, i
     return unet, text
 
 
-def remember_text_encoder(network, text_encoder) -> None:
-    """Key renaming depends on the text encoder's module layout; keep a reference."""
-    object.__setattr__(network, "_loracli_te", text_encoder)
+def remember_names(network, names: dict[str, str]) -> None:
+    """Key renaming depends on the models' module layout; keep the table with the network."""
+    object.__setattr__(network, "_loracli_names", names)

@@ -1,10 +1,11 @@
 """Sample images during training, sd-scripts style, and the grid that shows them side by side.
 
 The plan says when (plan.sample_rounds); this module makes the pictures: a
-diffusers StableDiffusionPipeline over the training models (the network's
+diffusers StableDiffusion(XL)Pipeline over the training models (the network's
 hooks are live, so the images show the LoRA as trained so far), with
 sd-scripts' sampler names mapped to diffusers schedulers. Prompts are encoded
-by the same function as training captions (clip_skip, max_token_length).
+by the same conditioner as training captions (clip_skip, max_token_length; SDXL's
+two encoders and pooled vector).
 Sampling draws from its own generators: the training random stream, and so a
 resumed run, is unaffected.
 """
@@ -19,7 +20,8 @@ import torch
 from PIL import Image
 
 from loracli.imagegrid import labelled_grid, save_png_atomic
-from loracli.run.step import CLIP_BODY, encode_prompts
+from loracli.run.conditioning import Conditioner
+from loracli.run.step import CLIP_BODY
 from loracli.sample_prompts import SamplePrompt, image_stem, round_title
 
 # sd-scripts' --sample_sampler names → diffusers scheduler class and options (k_* are aliases).
@@ -89,27 +91,35 @@ def latents_to_images(vae, latents: torch.Tensor, scaling_factor: float) -> list
 
 
 def build_pipeline(sd, sampler: str, v_parameterization: bool):
-    """A StableDiffusionPipeline over the loaded models (no copies; no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+    """The family's diffusers pipeline over the loaded models (no copies; no safety checker)."""
+    scheduler = make_scheduler(sampler, sd.noise_scheduler.config, v_parameterization)
+    if sd.family.name == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-        scheduler=make_scheduler(sampler, sd.noise_scheduler.config, v_parameterization),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+        pipe = StableDiffusionXLPipeline(
+            vae=sd.vae, text_encoder=sd.text_encoders[0], text_encoder_2=sd.text_encoders[1],
+            tokenizer=sd.tokenizers[0], tokenizer_2=sd.tokenizers[1], unet=sd.unet, scheduler=scheduler,
+        )
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def generate(pipe, sd, prompt: SamplePrompt, seed: int, device: torch.device, max_token_length: int | None,
-             clip_skip: int | None) -> Image.Image:
+def generate(pipe, conditioner: Conditioner, prompt: SamplePrompt, seed: int, device: torch.device) -> Image.Image:
     """One image; call inside no_grad (inference_mode) and the training autocast."""
-    embeds = encode_prompts(sd.tokenizer, sd.text_encoder, [prompt.prompt, prompt.negative_prompt],
-                            max_token_length, clip_skip, device).to(sd.unet.dtype)
+    sd = conditioner.sd
+    both = conditioner.encode([prompt.prompt, prompt.negative_prompt], device)
+    embeds = conditioner.pipeline_inputs(both.take(0), both.take(1), sd.unet.dtype)
     generator = torch.Generator("cpu").manual_seed(seed)  # the same picture on any device
     latents = pipe(
-        prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], width=prompt.width, height=prompt.height,
-        num_inference_steps=prompt.steps, guidance_scale=prompt.scale, generator=generator, output_type="latent",
+        **embeds, width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
+        guidance_scale=prompt.scale, generator=generator, output_type="latent",
     ).images
     return latents_to_images(sd.vae, latents, sd.family.latent_scaling_factor)[0]
 
@@ -117,14 +127,14 @@ def generate(pipe, sd, prompt: SamplePrompt, seed: int, device: torch.device, ma
 class SampleMaker:
     """Makes one round of sample images (one per prompt) and refreshes samples/grid.png."""
 
-    def __init__(self, sd, prompts: list[SamplePrompt], sampler: str, v_parameterization: bool,
-                 max_token_length: int | None, clip_skip: int | None, base_seed: int, output_name: str | None,
-                 folder: Path, log: Callable[[str], None]):
-        self.sd, self.prompts, self.sampler = sd, prompts, sampler
-        self.max_token_length, self.clip_skip, self.base_seed = max_token_length, clip_skip, base_seed
+    def __init__(self, sd, conditioner: Conditioner, prompts: list[SamplePrompt], sampler: str,
+                 v_parameterization: bool, base_seed: int, output_name: str | None, folder: Path,
+                 log: Callable[[str], None]):
+        self.sd, self.conditioner, self.prompts, self.sampler = sd, conditioner, prompts, sampler
+        self.base_seed = base_seed
         self.output_name, self.folder = output_name, folder
         self.pipe = build_pipeline(sd, sampler, v_parameterization)
-        warn_long_prompts(sd.tokenizer, prompts, max_token_length, log)
+        warn_long_prompts(sd.tokenizer, prompts, conditioner.max_token_length, log)
 
     def image_path(self, label: str, prompt: SamplePrompt) -> Path:
         return self.folder / f"{image_stem(self.output_name, label, prompt)}.png"
@@ -138,8 +148,7 @@ class SampleMaker:
         try:
             with inference_mode(*modules), autocast():
                 for p in self.prompts:
-                    image = generate(self.pipe, self.sd, p, prompt_seed(p, self.base_seed), device,
-                                     self.max_token_length, self.clip_skip)
+                    image = generate(self.pipe, self.conditioner, p, prompt_seed(p, self.base_seed), device)
                     path = self.image_path(label, p)
                     save_png_atomic(image, path)
                     made.append((p, path, image))

@@ -213,10 +213,15 @@ def encode_prompts(
     else:
         out = text_encoder(tokens, output_hidden_states=True)
         hidden = _final_layer_norm(text_encoder)(out.hidden_states[-clip_skip])
+    return join_windows(hidden, batch, count)
+
+
+def join_windows(hidden: torch.Tensor, batch: int, count: int) -> torch.Tensor:
+    """(batch·windows, 77, C) → (batch, 2 + 75·windows, C): the first BOS, the 75 body states of
+    every window, and the very last state."""
     hidden = hidden.reshape(batch, count * CLIP_CONTEXT, hidden.shape[-1])
     if count == 1:
         return hidden
-    # Keep the first BOS, the 75 body states of every window, and the very last state.
     parts = [hidden[:, :1]]
     parts += [hidden[:, i:i + CLIP_BODY] for i in range(1, count * CLIP_CONTEXT, CLIP_CONTEXT)]
     parts.append(hidden[:, -1:])

@@ -23,11 +23,13 @@ import torch
 from loracli.config.loader import read_toml
 from loracli.config.schema import LoracliConfig
 from loracli.errors import ConfigError, Interrupted, Problem, TrainingError
-from loracli.family import family_for
+from loracli.family import FAMILIES
 from loracli.lint import trains_text_encoder
 from loracli.plan import Plan, load_plan
 from loracli.report.curves import write_curves
-from loracli.run.data import BucketBatches, ExampleLoader
+from loracli.captions import process_caption
+from loracli.run.conditioning import Conditioner, TextCache, conditioner_for
+from loracli.run.data import BucketBatches, ExampleLoader, caption_options
 from loracli.run.latents import LatentCache, encode
 from loracli.run.metadata import (
     assemble_file_metadata,
@@ -36,7 +38,7 @@ from loracli.run.metadata import (
     no_metadata_subset,
     per_save_metadata,
 )
-from loracli.run.models import load_sd_components
+from loracli.run.models import SDComponents, load_sd_components
 from loracli.run.network import (
     NetworkSpec,
     create_network,
@@ -49,7 +51,7 @@ from loracli.run.progress import TrainingProgress
 from loracli.run.sampling import SampleMaker
 from loracli.run.saving import atomic_save_safetensors, cast_for_save
 from loracli.run.state import TrainState, load_latest_state, loader_rng_state, save_state
-from loracli.run.step import compute_target, diffusion_loss, encode_prompts, sample_noise, sample_timesteps
+from loracli.run.step import compute_target, diffusion_loss, sample_noise, sample_timesteps
 from loracli.rundir import atomic_write_json, atomic_write_text
 from loracli.sample_prompts import read_prompt_file, round_label
 from loracli.schedule import epoch_file_name, final_file_name, kept_after_pruning, step_file_name
@@ -192,7 +194,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     from accelerate.utils import set_seed
 
     tr, ds, net, opt, out = config.training, config.dataset, config.network, config.optimizer, config.output
-    family = family_for(config.model.v2)
+    family = FAMILIES[plan.model_family]
     main_process = int(os.environ.get("RANK", "0")) == 0
     progress = TrainingProgress(plan.total_steps, enabled=main_process)
     log = progress.log
@@ -215,27 +217,21 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     weight_dtype = DTYPES[mixed_precision]
 
     # --- models: frozen base weights in the training dtype, network in fp32
-    sd = load_sd_components(config.model.pretrained_model_name_or_path, config.model.v2,
+    sd = load_sd_components(getattr(plan, "model_path", None) or config.model.pretrained_model_name_or_path,
+                            config.model.v2, sdxl=family.name == "sdxl",
                             v_parameterization=config.model.v_parameterization,
                             allow_pickle=config.model.allow_pickle_checkpoint)
     if tr.xformers:
         _enable_xformers(sd.unet)
-    network = create_network(network_spec(config), sd.text_encoder, sd.unet)
+    network = create_network(network_spec(config), sd.text_encoders, sd.unet, sd.family)
     if net.network_weights is not None:
         load_network_weights(network, net.network_weights)
-    train_te = trains_text_encoder(config)
-    for module, dtype in ((sd.unet, weight_dtype), (sd.text_encoder, weight_dtype),
-                          (sd.vae, torch.float32 if mixed_precision == "fp16" else weight_dtype)):
-        module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
-    network.to(device)
+    train_te = trains_text_encoder(config, len(sd.text_encoders))
+    _place_models(sd, network, device, weight_dtype, mixed_precision, config)
     if tr.gradient_checkpointing:
-        sd.unet.enable_gradient_checkpointing()
-        sd.unet.train()  # diffusers only checkpoints in training mode; the SD UNet has no dropout
-        if train_te:
-            # transformers 5 renamed it; older releases only have the first name
-            getattr(sd.text_encoder, "activation_checkpointing_enable", sd.text_encoder.gradient_checkpointing_enable)()
-            sd.text_encoder.train()
+        _enable_gradient_checkpointing(sd, train_te)
     network.train()
+    conditioner = conditioner_for(sd, ds.max_token_length, config.model.clip_skip)
 
     # --- data: the plan's bucket-batches; the run never recomputes the schedule
     dataset_seed = random.Random(tr.seed).randint(0, 2**31)
@@ -253,6 +249,10 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         log(f"latents cached: {cache.encoded} encoded, {cache.count_needed() - cache.encoded} read from disk")
         sd.vae.to("cpu")  # no longer needed on the device
     loader = ExampleLoader(plan, ds, plan.total_steps, load_pixels_=cache is None, seed=tr.seed + 1)
+    text_cache = _text_cache(config, plan, conditioner, device, log) if _caches_text(config) else None
+    if text_cache is not None and not plan.sample_rounds:
+        for te in sd.text_encoders:  # frozen and no longer read: free the device (sd-scripts does too)
+            te.to("cpu")
 
     # --- optimizer and schedule (sd-scripts' param groups: text encoder first, then UNet)
     groups = prepare_param_groups(network, opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
@@ -319,8 +319,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     resumed_at = global_step
     sampler = None
     if sample_rounds and accelerator.is_main_process:
-        sampler = SampleMaker(sd, read_prompt_file(config.sample.sample_prompts), config.sample.sample_sampler,
-                              config.model.v_parameterization, ds.max_token_length, config.model.clip_skip, tr.seed,
+        sampler = SampleMaker(sd, conditioner, read_prompt_file(config.sample.sample_prompts),
+                              config.sample.sample_sampler, config.model.v_parameterization, tr.seed,
                               out.output_name, run_dir / "samples", log)
 
     def sample(step: int, epoch: int | None) -> None:
@@ -330,7 +330,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
             return
         if sampler is not None:
             started = time.time()
-            made = sampler.make_round(label, device, accelerator.autocast, [sd.unet, sd.text_encoder, network])
+            made = sampler.make_round(label, device, accelerator.autocast, [sd.unet, *sd.text_encoders, network])
             title = f"{out.output_name or run_dir.name}: samples by round ({config.sample.sample_sampler})"
             grid = sampler.update_grid([lb for lb in sample_rounds if sample_rounds[lb]["step"] <= step], title)
             if logging_dir:
@@ -358,7 +358,6 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     ga = tr.gradient_accumulation_steps
     noise_scheduler = sd.noise_scheduler
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    text_cache: dict[str, torch.Tensor] = {}
     metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if accelerator.is_main_process else None
     progress.__enter__()
     try:
@@ -379,15 +378,19 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                         else:
                             latents = encode(sd.vae, batch.pixels, family.latent_scaling_factor)
                         with torch.set_grad_enabled(train_te):
-                            hidden = _encode_text(sd, batch.captions, ds.max_token_length, config.model.clip_skip,
-                                                  device, text_cache if tr.cache_text_encoder_outputs else None)
+                            cond = text_cache(batch.captions, device) if text_cache is not None else \
+                                conditioner.encode(batch.captions, device)
                         noise = sample_noise(latents, None, tr.noise_offset, tr.noise_offset_random_strength,
                                              tr.adaptive_noise_scale, tr.multires_noise_iterations,
                                              tr.multires_noise_discount)
                         timesteps = sample_timesteps(latents.shape[0], tr.min_timestep, tr.max_timestep,
                                                      num_timesteps, device, None)
                         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                        pred = sd.unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
+                        images = [plan.images[i] for i in batch.indices]
+                        unet_inputs = conditioner.unet_kwargs(cond, [im.size for im in images],
+                                                              [im.bucket for im in images], batch.flipped,
+                                                              weight_dtype)
+                        pred = sd.unet(noisy.to(weight_dtype), timesteps, **unet_inputs).sample
                         target = compute_target(noise_scheduler, latents, noise, timesteps,
                                                 config.model.v_parameterization)
                         weights = torch.where(batch.is_reg.to(device), tr.prior_loss_weight, 1.0)
@@ -480,14 +483,40 @@ def _forget_after(run_dir: Path, step: int) -> None:
         atomic_write_text(metrics, "".join(line + "\n" for line in lines))
 
 
-def _encode_text(sd, captions, max_token_length, clip_skip, device, cache):
-    if cache is None:
-        return encode_prompts(sd.tokenizer, sd.text_encoder, captions, max_token_length, clip_skip, device)
-    missing = [c for c in dict.fromkeys(captions) if c not in cache]
-    if missing:
-        encoded = encode_prompts(sd.tokenizer, sd.text_encoder, missing, max_token_length, clip_skip, device)
-        cache.update({c: e.detach() for c, e in zip(missing, encoded)})
-    return torch.stack([cache[c] for c in captions])
+def _place_models(sd: SDComponents, network, device, weight_dtype, mixed_precision: str,
+                  config: LoracliConfig) -> None:
+    """Frozen weights in the training dtype on the device; the VAE in fp32 under fp16 (it overflows)
+    or with no_half_vae; the network in fp32."""
+    vae_fp32 = mixed_precision == "fp16" or config.model.no_half_vae
+    for module in (sd.unet, *sd.text_encoders):
+        module.to(device, dtype=weight_dtype)
+    sd.vae.to(device, dtype=torch.float32 if vae_fp32 else weight_dtype)
+    network.to(device)
+
+
+def _enable_gradient_checkpointing(sd: SDComponents, train_te: bool) -> None:
+    sd.unet.enable_gradient_checkpointing()
+    sd.unet.train()  # diffusers only checkpoints in training mode; the SD UNet has no dropout
+    if train_te:
+        for te in sd.text_encoders:
+            # transformers 5 renamed it; older releases only have the first name
+            getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
+            te.train()
+
+
+def _caches_text(config: LoracliConfig) -> bool:
+    return config.training.cache_text_encoder_outputs or config.training.cache_text_encoder_outputs_to_disk
+
+
+def _text_cache(config: LoracliConfig, plan: Plan, conditioner: Conditioner, device, log) -> TextCache:
+    """Every caption the plan will show the text encoders, encoded once (captions are fixed: lint E4)."""
+    disk = _cache_dir() / "text" if config.training.cache_text_encoder_outputs_to_disk else None
+    cache = TextCache(conditioner, config.model.pretrained_model_name_or_path, disk)
+    options = caption_options(config.dataset)
+    captions = [process_caption(im.caption, options, 1, 0, plan.total_steps, random.Random(0)) for im in plan.images]
+    cache.fill(captions, device, config.dataset.vae_batch_size)
+    log(f"text-encoder outputs cached: {cache.encoded} encoded, {len(cache.memory) - cache.encoded} read from disk")
+    return cache
 
 
 def _prune(run_dir: Path, kind: str, number: int, history: list[int], config: LoracliConfig) -> None:

@@ -10,6 +10,7 @@ from PIL import ImageChops
 
 from loracli.config.schema import Sampler
 from loracli.run.models import load_sd_components
+from loracli.run.conditioning import conditioner_for
 from loracli.run.sampling import SAMPLERS, build_pipeline, generate, inference_mode, prompt_seed
 from loracli.sample_prompts import parse_prompt_line
 
@@ -39,7 +40,7 @@ def test_sampler_makes_an_image(sd, name):
         assert pipe.scheduler.config.algorithm_type == name
     prompt = parse_prompt_line("thing0 --w 64 --h 96 --s 3 --l 5", 0)
     with inference_mode(sd.unet, sd.text_encoder):
-        image = generate(pipe, sd, prompt, 1, torch.device("cpu"), None, None)
+        image = generate(pipe, conditioner_for(sd, None, None), prompt, 1, torch.device("cpu"))
     assert image.size == (64, 96)
     assert len(image.getcolors(1 << 16) or []) > 10  # a picture, not a flat fill
 
@@ -53,7 +54,8 @@ def test_same_seed_same_picture_other_seed_other_picture(sd):
     pipe = build_pipeline(sd, "euler_a", v_parameterization=False)
     prompt = parse_prompt_line("thing0 --n blurry --w 64 --h 64 --s 3", 2)
     with inference_mode(sd.unet, sd.text_encoder):
-        a, b, c = (generate(pipe, sd, prompt, seed, torch.device("cpu"), None, 2) for seed in (5, 5, 6))
+        conditioner = conditioner_for(sd, None, 2)
+        a, b, c = (generate(pipe, conditioner, prompt, seed, torch.device("cpu")) for seed in (5, 5, 6))
     assert ImageChops.difference(a, b).getbbox() is None
     assert ImageChops.difference(a, c).getbbox() is not None
     assert prompt_seed(prompt, 100) == 102 and prompt_seed(parse_prompt_line("x --d 9", 0), 100) == 9

@@ -29,7 +29,8 @@ def _resnet_unet(name: str) -> str:
 
 def unet_to_ldm(state: dict[str, torch.Tensor], layers: int = LAYERS) -> dict[str, torch.Tensor]:
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
     out = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -104,26 +105,31 @@ def vae_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD1.x: the transformers names, under cond_stage_model.transformer.text_model."""
+def clip_to_ldm(state: dict[str, torch.Tensor], prefix: str = "cond_stage_model.transformer."
+                ) -> dict[str, torch.Tensor]:
+    """SD1.x: the transformers names, under cond_stage_model.transformer.text_model (SDXL: embedder 0)."""
     out = {}
     for key, value in state.items():
         key = key.removeprefix("text_model.")
         if key.endswith("position_ids"):
             continue
-        out["cond_stage_model.transformer.text_model." + key] = value
+        out[prefix + "text_model." + key] = value
     return out
 
 
-def open_clip_to_ldm(state: dict[str, torch.Tensor], projection: int = 16) -> dict[str, torch.Tensor]:
-    """SD2.x: OpenCLIP names, q/k/v fused into in_proj, under cond_stage_model.model."""
+def open_clip_to_ldm(state: dict[str, torch.Tensor], projection: int = 16,
+                     p: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
+    """SD2.x: OpenCLIP names, q/k/v fused into in_proj, under cond_stage_model.model (SDXL: embedder 1,
+    with its real projection: OpenCLIP stores the transpose of a Linear weight)."""
     state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
-    p = "cond_stage_model.model."
     out = {p + "token_embedding.weight": state["embeddings.token_embedding.weight"],
            p + "positional_embedding": state["embeddings.position_embedding.weight"],
            p + "ln_final.weight": state["final_layer_norm.weight"], p + "ln_final.bias": state["final_layer_norm.bias"]}
     width = state["embeddings.token_embedding.weight"].shape[1]
-    out[p + "text_projection"] = torch.randn(width, projection)
+    if "text_projection.weight" in state:
+        out[p + "text_projection"] = state["text_projection.weight"].T.contiguous()
+    else:
+        out[p + "text_projection"] = torch.randn(width, projection)
     out[p + "logit_scale"] = torch.tensor(4.6)
     layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
     for i in layers:
@@ -183,3 +189,12 @@ def write_checkpoint(path: Path, v2: bool = False, half: bool = True, modules=No
     else:
         torch.save({"state_dict": state, "global_step": 1}, str(path))
     return path
+
+
+def sdxl_ldm_state(pipe) -> dict[str, torch.Tensor]:
+    """An SDXL pipeline's weights under sd_xl_base_1.0.safetensors' names."""
+    state = {**unet_to_ldm(pipe.unet.state_dict(), layers=pipe.unet.config.layers_per_block),
+             **vae_to_ldm(pipe.vae.state_dict()),
+             **clip_to_ldm(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."),
+             **open_clip_to_ldm(pipe.text_encoder_2.state_dict(), p="conditioner.embedders.1.model.")}
+    return {k: v.contiguous() for k, v in state.items()}
