@@ -8,6 +8,7 @@ second time (stack notes), so they are never used here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ LORA_PARTS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight"}
 LOHA_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
 LOKR_PARTS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
 SHARED = {"alpha"}
+# SD UNet 3x3 convs by kohya name (diffusers and SAI layouts): LoHa/LoKr store them flattened
+CONV3_NAME = re.compile(r"_(conv1|conv2|conv|conv_in|conv_out|op|in_layers_2|out_layers_3)$")
 # lycoris' plain torch bodies: its fused/compiled tiers cost a warm-up per shape for one product each
 BACKEND = "torch"
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -147,8 +150,8 @@ def module_delta(lora: LoraFile, module: LoraModule, device: str | torch.device 
         if module.algo == "loha":
             w1d, w1u, w2d, w2u = get("hada_w1_b"), get("hada_w1_a"), get("hada_w2_b"), get("hada_w2_a")
             gamma = lora_scale(alpha, w1d.shape[0])
-            return loha.diff_weight(w1d, w1u, w2d, w2u, get("hada_t1"), get("hada_t2"), gamma=gamma,
-                                     backend=BACKEND)
+            return _unflatten(module.name, loha.diff_weight(w1d, w1u, w2d, w2u, get("hada_t1"), get("hada_t2"),
+                                                            gamma=gamma, backend=BACKEND))
         # LoKr: lycoris divides gamma by the rank itself (1 when both factors are full matrices)
         w1, w1a, w1b = get("lokr_w1"), get("lokr_w1_a"), get("lokr_w1_b")
         w2, w2a, w2b, t2 = get("lokr_w2"), get("lokr_w2_a"), get("lokr_w2_b"), get("lokr_t2")
@@ -157,7 +160,15 @@ def module_delta(lora: LoraFile, module: LoraModule, device: str | torch.device 
             gamma = float(rank or 1)  # scale 1
         else:
             gamma = alpha
-        return lokr.diff_weight(w1, w1a, w1b, w2, w2a, w2b, t2, gamma=gamma, backend=BACKEND)
+        return _unflatten(module.name, lokr.diff_weight(w1, w1a, w1b, w2, w2a, w2b, t2, gamma=gamma,
+                                                        backend=BACKEND))
+
+
+def _unflatten(name: str, delta: torch.Tensor) -> torch.Tensor:
+    """A 3x3 conv's delta that LyCORIS built flattened (out, in·9) as (out, in, 3, 3)."""
+    if delta.dim() == 2 and CONV3_NAME.search(name) and delta.shape[1] % 9 == 0:
+        return delta.reshape(delta.shape[0], delta.shape[1] // 9, 3, 3)
+    return delta
 
 
 def open_lora(path: Path, option: str = "") -> LoraFile:
