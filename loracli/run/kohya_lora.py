@@ -272,10 +272,12 @@ def _unet_names(unet: nn.Module, family: ModelFamily, spec: NetworkSpec) -> list
     if not family.sai_unet_names:
         return [(kohya_module_name(family.unet_prefix, path), layer) for path, layer in layers]
     config = unet.config
+    per_block = config.layers_per_block
+    per_block = per_block if isinstance(per_block, int) else per_block[0]  # diffusers allows one per level
     up_attention = frozenset(i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind)
     return [(kohya_module_name(family.unet_prefix,
-                               diffusers_to_sai(path, layers_per_block=config.layers_per_block,
-                                                up_attention_blocks=up_attention)), layer)
+                               diffusers_to_sai(path, layers_per_block=per_block, up_attention_blocks=up_attention)),
+             layer)
             for path, layer in layers]
 
 
