@@ -92,7 +92,13 @@ def looks_like_model_id(value: str) -> bool:
 
 def find_in_hf_cache(model_id: str) -> tuple[Path, str] | None:
     """(snapshot folder, how it was chosen) for a model id in the local cache; None when absent."""
-    repo = hf_hub_cache() / ("models--" + model_id.replace("/", "--"))
+    try:
+        return _find_snapshot(hf_hub_cache() / ("models--" + model_id.replace("/", "--")))
+    except OSError:  # an unreadable cache is a cache without the model
+        return None
+
+
+def _find_snapshot(repo: Path) -> tuple[Path, str] | None:
     snapshots = repo / "snapshots"
     if not snapshots.is_dir():
         return None
@@ -288,7 +294,11 @@ def probe_model(value: str) -> ModelProbe:
         return ModelProbe(value, TINY_FAMILIES[value], "tiny", f"the name {value}, a built-in tiny model")
     path = Path(value).expanduser()
     source = ""
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte: nothing by that name exists
+        exists = False
+    if not exists:
         cached = find_in_hf_cache(value) if looks_like_model_id(value) else None
         if cached is None:
             raise _not_found(value)

@@ -59,18 +59,22 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise DatasetError(Problem(str(path), "no such file", "check the path"))
     if not path.is_file():
         raise DatasetError(Problem(str(path), "not a file", "give a .safetensors file"))
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _broken(path, f"not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER_BYTES:
-            raise _broken(path, "not a safetensors file (its first 8 bytes are not a plausible header length)")
-        if 8 + length > size:
-            raise _broken(path, f"truncated header: it announces {length} bytes, the file has {size - 8} after "
-                                "the length")
-        raw = f.read(length)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _broken(path, f"not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES:
+                raise _broken(path, "not a safetensors file (its first 8 bytes are not a plausible header length)")
+            if 8 + length > size:
+                raise _broken(path, f"truncated header: it announces {length} bytes, the file has {size - 8} after "
+                                    "the length")
+            raw = f.read(length)
+    except OSError as exc:  # unreadable (permissions, I/O error): one line naming the file
+        raise DatasetError(Problem(str(path), f"cannot read the file ({exc.strerror or type(exc).__name__})",
+                                   "check its permissions and the disk")) from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -210,7 +210,7 @@ def test_pickles_are_not_read_and_missing_paths_are_exit_3(tmp_path):
     ckpt.write_bytes(b"not even a pickle")  # never opened
     probe = probe_model(str(ckpt))
     assert (probe.family, probe.kind) == (None, "pickle")
-    for missing in (str(tmp_path / "nope.ckpt"), str(tmp_path / "nope"), "models/sd15"):
+    for missing in (str(tmp_path / "nope.ckpt"), str(tmp_path / "nope"), "models/sd15", "x" * 5000, "a\x00b"):
         with pytest.raises(ModelNotFound, match="no such file or folder") as info:
             probe_model(missing)
         assert info.value.exit_code == 3
@@ -298,3 +298,18 @@ def test_contradictions_name_the_key_and_what_was_detected(flags, found, key, wo
     assert str(info.value).startswith(f"{key}: ") and words in str(info.value)
     if key != "model.v2" or "sdxl = true" not in words:
         assert "safetensors header" in str(info.value)  # says how it was detected
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, monkeypatch):
+    path = sd1_file(tmp_path / "locked.safetensors")
+    real_open = Path.open
+
+    def deny(self, *args, **kwargs):  # chmod 000 does not stop root, so fail the open itself
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", deny)
+    with pytest.raises(DatasetError, match="cannot read the file \\(Permission denied\\)") as info:
+        probe_model(str(path))
+    assert info.value.exit_code == 3 and str(path) in str(info.value)
