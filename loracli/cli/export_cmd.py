@@ -22,10 +22,10 @@ def export_sd_scripts(config: Path | None, preset: list[str], set_: list[str], o
     resolved = resolve_config(config, preset, set_)
     plan = build_plan(resolved)
     exp = build_export(resolved.config, plan)
-    write_export(out_dir, exp, sd_scripts_dir)
+    written = write_export(out_dir, exp, sd_scripts_dir)
     for line in report_lines(exp):
         sys.stderr.write(line + "\n")
-    print(f"wrote {out_dir}/: config.toml, dataset.toml, train.sh, README-export.txt")
+    print(f"wrote {out_dir}/: {', '.join(sorted(p.name for p in written))}")
     print(f"{exp.script} ({plan.model_family}): {plan.total_steps} steps, {plan.epochs} epochs, "
           f"{len(exp.dataset['datasets'][0]['subsets'])} subset(s); "
           f"{len(exp.unsupported)} option(s) not exported, {len(exp.warnings)} warning(s)")

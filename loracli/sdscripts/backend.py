@@ -2,11 +2,15 @@
 
 The run folder is made as for loracli's own trainer (config.resolved.toml,
 plan.json, run.json, status.json); the export goes to `RUN/sd-scripts/` and
-sd-scripts writes its LoRA files into the run folder itself. The checkout's
-Python runs `-m accelerate.commands.launch ... train_network.py` with the
-checkout as working directory; its output is streamed to the terminal and to
+sd-scripts writes its LoRA files into the run folder itself. sd-scripts' Python
+(`choose_python`: LORACLI_SD_SCRIPTS_PYTHON, else the checkout's venv/ or .venv/,
+else the active VIRTUAL_ENV, else loracli's own, said out loud) runs
+`-m accelerate.commands.launch ... (sdxl_)train_network.py` with the checkout as
+working directory; its output is streamed to the terminal and to
 `RUN/sd-scripts.log`, scanned for the cases sd-scripts does not signal with its
-exit status ("No data found" exits 0) and for progress, which status.json records.
+exit status ("No data found" exits 0), for progress, which status.json records,
+and for the child's own last error line (accelerate's launcher ends every
+failure with its CalledProcessError, which says nothing).
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ from loracli.sdscripts.export import (
 from loracli.sdscripts.options import script_for
 
 EXPORT_DIR = "sd-scripts"
+PYTHON_ENV = "LORACLI_SD_SCRIPTS_PYTHON"
+# "AssertionError: ...", "torch.OutOfMemoryError: ...", "ValueError" at a line start: an exception line.
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)\b(?::|$)")
+# What accelerate's launcher adds after the child fails.
+LAUNCHER_LINES = ("CalledProcessError", "accelerate/commands/", "accelerate\\commands\\", "simple_launcher(",
+                  "launch_command(", "sys.exit(main())", "raise subprocess", "Traceback (most recent call last)")
 LOG_FILE = "sd-scripts.log"
 NO_DATA_MARKER = "No data found"
 OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError")
@@ -58,14 +68,50 @@ def find_checkout(sd_scripts_dir: Path | None, script: str = TRAIN_SCRIPT) -> Pa
     return checkout
 
 
-def checkout_python(checkout: Path) -> str:
-    """The checkout's own environment when it has one (venv or .venv), else this interpreter."""
+def _venv_python(venv: Path) -> Path | None:
+    return next((venv / rel for rel in ("bin/python", "Scripts/python.exe") if (venv / rel).is_file()), None)
+
+
+def choose_python(checkout: Path, environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """(python, where it came from) for sd-scripts: LORACLI_SD_SCRIPTS_PYTHON, the checkout's venv/ or .venv/,
+    the active VIRTUAL_ENV, else loracli's own interpreter."""
+    env = os.environ if environ is None else environ
+    explicit = env.get(PYTHON_ENV, "").strip()
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.is_dir():
+            path = _venv_python(path) or path
+        if not path.is_file():
+            raise ConfigError(Problem(PYTHON_ENV, f"{explicit} is not a Python interpreter",
+                                      "point it at the python of sd-scripts' environment (or at the venv folder)"))
+        return str(path), PYTHON_ENV
     for venv in ("venv", ".venv"):
-        for rel in ("bin/python", "Scripts/python.exe"):
-            candidate = checkout / venv / rel
-            if candidate.is_file():
-                return str(candidate)
-    return sys.executable
+        found = _venv_python(checkout / venv)
+        if found:
+            return str(found), f"the checkout's {venv}/"
+    active = env.get("VIRTUAL_ENV", "").strip()
+    if active and (found := _venv_python(Path(active))):
+        return str(found), "the active virtual environment (VIRTUAL_ENV)"
+    return sys.executable, (f"loracli's own Python: the checkout has no venv/ and no virtual environment is active; "
+                            f"set {PYTHON_ENV} to use another")
+
+
+def checkout_python(checkout: Path) -> str:
+    return choose_python(checkout)[0]
+
+
+def check_python(python: str, source: str) -> None:
+    """The chosen Python starts and has accelerate (found without importing it: no torch start-up)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('accelerate') is None)"
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(Problem(python, f"cannot run this Python ({source}): {exc}",
+                                  f"set {PYTHON_ENV} to the python of sd-scripts' environment")) from None
+    if done.returncode != 0:
+        raise ConfigError(Problem(python, f"this Python ({source}) has no accelerate, which sd-scripts runs under",
+                                  f"install sd-scripts' requirements there, or set {PYTHON_ENV} to the python of "
+                                  "sd-scripts' environment"))
 
 
 def launch_command(python: str, num_processes: int, export_dir: Path, script: str = TRAIN_SCRIPT) -> list[str]:
@@ -103,7 +149,7 @@ class OutputWatch:
         self.status = status
         self.no_data = False
         self.out_of_memory = False
-        self.tail: list[str] = []
+        self.tail: list[str] = []  # the last lines (progress bars left out)
         self._partial = ""
 
     def feed(self, text: str) -> None:
@@ -129,7 +175,16 @@ class OutputWatch:
         elif m := EPOCH_RE.search(line):
             self.status.progress(epoch=int(m.group(1)))
         if not STEP_RE.search(line):
-            self.tail = (self.tail + [line.strip()])[-5:]
+            self.tail = (self.tail + [line.strip()])[-200:]
+
+    def error_line(self) -> str:
+        """The child's own last exception line, not accelerate's CalledProcessError after it; else the last line
+        that is not the launcher's."""
+        own = [line for line in self.tail if not any(mark in line for mark in LAUNCHER_LINES)]
+        for line in reversed(own):
+            if EXCEPTION_LINE.match(line):
+                return line
+        return own[-1] if own else (self.tail[-1] if self.tail else "no output")
 
 
 def _stream(proc: subprocess.Popen, log: IO[bytes], watch: OutputWatch, echo: Callable[[bytes], None]) -> None:
@@ -190,8 +245,7 @@ def _outcome(run_dir: Path, plan: Plan, code: int, watch: OutputWatch, status: R
         raise DatasetError(Problem(str(log_path), message, "check the image folders and extensions in "
                                    f"{run_dir / EXPORT_DIR / 'dataset.toml'}"))
     if code != 0:
-        last = watch.tail[-1] if watch.tail else "no output"
-        message = f"{script} exited with status {code}: {last}"
+        message = f"{script} exited with status {code}: {watch.error_line()}"
         if watch.out_of_memory:
             message = f"{OOM_MESSAGE}: {message}"
         status.write(state="failed", error=message)
@@ -225,7 +279,10 @@ def run_train_sd_scripts(resolved: ResolvedConfig, strict: bool, sd_scripts_dir:
     plan = build_plan(resolved)
     print_plan(resolved, plan)
     check_strict(plan, strict)
-    find_checkout(sd_scripts_dir, script_for(export_family(resolved.config, plan).name))  # before any folder
+    script = script_for(export_family(resolved.config, plan).name)
+    find_checkout(sd_scripts_dir, script)  # these checks before any folder is made
+    python, source = choose_python(checkout)
+    check_python(python, source)
     run_dir = create_run_dir(resolved.config)
     export = build_export(resolved.config, plan, output_dir=run_dir)
     write_run_files(run_dir, resolved, plan, sys.argv)
@@ -233,8 +290,9 @@ def run_train_sd_scripts(resolved: ResolvedConfig, strict: bool, sd_scripts_dir:
     for line in report_lines(export):
         sys.stderr.write(line + "\n")
     print(f"run folder: {run_dir}", flush=True)
-    command = launch_command(checkout_python(checkout), export.num_processes, run_dir / EXPORT_DIR, export.script)
+    command = launch_command(python, export.num_processes, run_dir / EXPORT_DIR, export.script)
     print(f"sd-scripts: {checkout} ({export.script})", flush=True)
+    print(f"sd-scripts python: {python} ({source})", flush=True)
     final = run_sd_scripts_job(run_dir, plan, command, checkout, script=export.script)
     print(f"saved: {final}")
     return final

@@ -28,6 +28,7 @@ from loracli.errors import ConfigError, Problem
 from loracli.family import FAMILIES, SDXL, ModelFamily
 from loracli.plan import Plan
 from loracli.rundir import atomic_write_text
+from loracli.sdscripts.lycoris_targets import PRESET_FILE, targets_for
 from loracli.sdscripts.options import (
     MAPPINGS,
     TRAIN_NETWORK,
@@ -35,6 +36,7 @@ from loracli.sdscripts.options import (
     optimizer_arg_items,
     script_for,
 )
+from loracli.sdscripts.unet_layout import layout_differences
 
 CONFIG_FILE = "config.toml"
 DATASET_FILE = "dataset.toml"
@@ -65,6 +67,13 @@ class Export:
     unsupported: list[tuple[str, str]] = field(default_factory=list)  # (loracli key, reason)
     notes: list[str] = field(default_factory=list)
     script: str = TRAIN_SCRIPT  # train_network.py or sdxl_train_network.py
+    lycoris_preset: dict[str, Any] | None = None  # the LyCORIS target table, written beside the export
+
+    def point_preset_at(self, path: Path) -> None:
+        """network_args' `preset=` names the preset file by its absolute path (sd-scripts runs elsewhere)."""
+        items = self.args.get("network", {}).get("network_args", [])
+        self.args["network"]["network_args"] = [f"preset={path.absolute()}" if i.startswith("preset=") else i
+                                                for i in items]
 
     def flat_args(self) -> dict[str, Any]:
         """What sd-scripts sees: it flattens the sections of a --config_file."""
@@ -130,7 +139,10 @@ def _network(config: LoracliConfig, exp: Export, args: dict[str, Any]) -> None:
     args["network_module"] = module
     items: list[str] = []
     if module == "lycoris.kohya":
-        items += [f"algo={net.algo}", f"preset={net.lycoris_preset}"]
+        # LyCORIS' own preset=full also wraps conv_in/conv_out/time_embedding and fails on SD UNets
+        # ("duplicated lora name"); the file names loracli's targets (write_export makes the path absolute).
+        exp.lycoris_preset = targets_for(net.algo)
+        items += [f"algo={net.algo}", f"preset={PRESET_FILE}"]
         if net.algo == "lora":  # loracli wraps no 3x3 convs for lora, whatever the module
             _report_changed(net, ("conv_dim", "conv_alpha"), exp)
         else:
@@ -143,8 +155,9 @@ def _network(config: LoracliConfig, exp: Export, args: dict[str, Any]) -> None:
             items.append(f"factor={net.factor}")
         elif net.factor != _default("network.factor"):
             exp.unsupported.append(("network.factor", f"only used by algo=lokr, not {net.algo}"))
-        exp.warnings.append("network.lycoris_preset: with sd-scripts, LyCORIS picks the layers for "
-                            f"preset={net.lycoris_preset} itself; its module count can differ from loracli's plan")
+        exp.notes.append(f"network.lycoris_preset: {net.lycoris_preset!r} is written as {PRESET_FILE} (loracli's "
+                         "target table: the transformer, ResNet and up/down-sampler blocks and the CLIP attention/MLP "
+                         "layers), not LyCORIS' preset=full, which lycoris_lora 4.1.3 refuses on SD UNets")
         exp.notes.append("LyCORIS networks need `pip install lycoris_lora` in the sd-scripts environment")
     else:
         _report_changed(net, ("conv_dim", "conv_alpha", "factor", *LYCORIS_SWITCHES), exp)
@@ -273,6 +286,12 @@ def _difference_warnings(config: LoracliConfig, plan: Plan, exp: Export) -> None
         exp.warnings.append(f"{len(mixed)} image(s) with a mixed-case extension ({examples}) are counted by loracli "
                             "but skipped by sd-scripts on Linux: its steps per epoch will be lower; rename them "
                             "to .png/.jpg")
+    family = export_family(config, plan)
+    odd = layout_differences(config.model.pretrained_model_name_or_path, family.name)
+    if odd:
+        exp.warnings.append(f"model.pretrained_model_name_or_path: this diffusers UNet is not laid out like the "
+                            f"{family.title} base model ({'; '.join(odd)}); {exp.script} rebuilds that layout and "
+                            "cannot load these weights: export with a standard model, or train with loracli")
     if config.model.pretrained_model_name_or_path.startswith("tiny:"):
         exp.warnings.append(f"model.pretrained_model_name_or_path: {config.model.pretrained_model_name_or_path!r} is "
                             "loracli's built-in test model; sd-scripts cannot load it (give a model file or folder)")
@@ -350,7 +369,8 @@ def _readme(exp: Export, command: str) -> str:
     lines = [f"Exported by `loracli export sd-scripts` for {exp.script}.", "",
              f"  {CONFIG_FILE}   training arguments (--config_file)",
              f"  {DATASET_FILE}  dataset (--dataset_config)",
-             f"  {SCRIPT_FILE}      the command line (set SD_SCRIPTS_DIR or edit its cd line)", "",
+             f"  {SCRIPT_FILE}      the command line (set SD_SCRIPTS_DIR or edit its cd line)",
+             *([f"  {PRESET_FILE}  LyCORIS targets (network_args preset=...)"] if exp.lycoris_preset else []), "",
              "Command:", f"  {command}", ""]
     lines.append("Not exported (sd-scripts has no equivalent):")
     lines += [f"  - {key}: {reason}" for key, reason in exp.unsupported] or ["  (none)"]
@@ -363,7 +383,12 @@ def _readme(exp: Export, command: str) -> str:
 
 def write_export(out_dir: Path, exp: Export, sd_scripts_dir: Path | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
+    files: dict[str, str] = {}
+    if exp.lycoris_preset is not None:
+        exp.point_preset_at(out_dir / PRESET_FILE)
+        files[PRESET_FILE] = ("# loracli's LyCORIS targets (network_args preset=<this file>), written by "
+                              "`loracli export sd-scripts`.\n" + tomli_w.dumps(exp.lycoris_preset))
+    files |= {
         CONFIG_FILE: config_header(exp.script) + tomli_w.dumps(exp.args),
         DATASET_FILE: tomli_w.dumps(exp.dataset),
         SCRIPT_FILE: _script(out_dir, exp, sd_scripts_dir),

@@ -13,12 +13,15 @@ unpacked here.
 from __future__ import annotations
 
 import shlex
+import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from loracli.config.schema import OptimizerArg
 from loracli.sdscripts.import_result import ImportResult
+from loracli.sdscripts.lycoris_targets import same_targets
 from loracli.sdscripts.options import (
     SDXL_TRAIN_NETWORK,
     TRAIN_NETWORK,
@@ -31,6 +34,11 @@ from loracli.sdscripts.options import (
     parse_network_arg,
     parse_optimizer_arg,
 )
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 LORACLI_ALGOS = ("lora", "locon", "loha", "lokr")
 
@@ -84,7 +92,8 @@ def _is_empty(value: Any) -> bool:
 
 
 def import_args(args: dict[str, Any], result: ImportResult, *, prefix: str = "",
-                labels: dict[str, str] | None = None, script: str = TRAIN_NETWORK) -> None:
+                labels: dict[str, str] | None = None, script: str = TRAIN_NETWORK,
+                base_dir: Path | None = None) -> None:
     """Map every argument into `result`.
 
     Reports name an argument `prefix + name` ("--" for command lines) unless `labels`
@@ -97,7 +106,7 @@ def import_args(args: dict[str, Any], result: ImportResult, *, prefix: str = "",
     name_of.update({k: v for k, v in labels.items() if k.startswith("network_args.")})
     rest = dict(args)
 
-    _import_network(rest, result, name_of)
+    _import_network(rest, result, name_of, base_dir)
     _import_optimizer(rest, result, name_of)
 
     for name, value in rest.items():
@@ -224,7 +233,8 @@ def _network_items(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
-def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[str, str]) -> None:
+def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[str, str],
+                    base_dir: Path | None = None) -> None:
     module = args.pop("network_module", None)
     raw_items = args.pop("network_args", None)
     mod_label = name_of.get("network_module", "network_module")
@@ -297,6 +307,8 @@ def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[st
         label = item_label("preset")
         if preset == "full":
             result.set("network.lycoris_preset", "full", label)
+        elif preset.lower().endswith(".toml"):
+            _import_preset_file(preset, algo, base_dir, result, label)
         else:
             result.skip(label, f"LyCORIS preset {preset!r} is not supported: loracli trains the 'full' targets")
     for key, text in items.items():
@@ -309,6 +321,26 @@ def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[st
             result.skip(label, "network_dropout is also given")
         else:
             result.set(dotted, text, label)
+
+
+def _import_preset_file(preset: str, algo: str, base_dir: Path | None, result: ImportResult, label: str) -> None:
+    """A LyCORIS preset file (what `loracli export` writes): loracli's 'full' when it names loracli's targets."""
+    candidates = [Path(preset)] + ([base_dir / preset] if base_dir and not Path(preset).is_absolute() else [])
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        result.skip(label, f"the LyCORIS preset file {preset} was not found from here: its targets are unknown")
+        return
+    try:
+        data = tomllib.loads(found.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        result.skip(label, f"the LyCORIS preset file {found} cannot be read ({exc})")
+        return
+    if same_targets(data, algo):
+        result.set("network.lycoris_preset", "full", label)
+        result.note(f"{label}: {found.name} names loracli's targets for {algo} (lycoris_preset = \"full\")")
+    else:
+        result.skip(label, f"the LyCORIS preset file {found} selects other layers than loracli's 'full' targets "
+                           "(transformer, ResNet and up/down-sampler blocks; CLIP attention and MLP)")
 
 
 def _keys(raw_items: Any) -> set[str]:

@@ -195,7 +195,7 @@ def _import_with_dataset(args: dict[str, Any], result: ImportResult, *, prefix: 
             result.note(f"read the dataset config {found} named by {label}")
     if dataset_data is not None and named:
         result.mapped[label] = ["(the dataset config, imported)"]
-    import_args(args, result, prefix=prefix, labels=labels, script=script)
+    import_args(args, result, prefix=prefix, labels=labels, script=script, base_dir=base_dir)
     if dataset_data is not None:
         fallbacks = {"caption_extension": args.get("caption_extension") or args.get("caption_extention")
                      or SD_SCRIPTS_CAPTION_EXTENSION,

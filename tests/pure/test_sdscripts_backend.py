@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from loracli import queue
+from loracli.errors import ConfigError
 from loracli.sdscripts import backend
 from tests.pure.cli_helpers import run_cli
 
@@ -41,6 +42,15 @@ if mode == "fail":
     sys.exit(7)
 if mode == "no-file":
     sys.exit(0)
+if mode == "launcher-error":  # the child's traceback, then accelerate's launcher's own
+    print("Traceback (most recent call last):")
+    print('  File "train_network.py", line 1, in <module>')
+    print("AssertionError: duplicated lora name: lora_unet_time_embedding_linear_1")
+    print("Traceback (most recent call last):")
+    print('  File "/venv/lib/python3.10/site-packages/accelerate/commands/launch.py", line 1, in simple_launcher')
+    print("    raise subprocess.CalledProcessError(returncode=process.returncode, cmd=cmd)")
+    print("subprocess.CalledProcessError: Command '['python', 'train_network.py']' returned non-zero exit status 1.")
+    sys.exit(1)
 if mode == "oom":
     print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
     sys.exit(1)
@@ -114,7 +124,9 @@ def test_real_accelerate_command(checkout, tmp_path):
     assert f"run folder: {run_dir}" in result.stdout
 
 
-def test_launch_command_and_checkout_python(checkout, tmp_path):
+def test_launch_command_and_checkout_python(checkout, tmp_path, monkeypatch):
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    monkeypatch.delenv(backend.PYTHON_ENV, raising=False)
     assert backend.checkout_python(checkout) == sys.executable
     venv_python = checkout / ".venv" / "bin" / "python"
     venv_python.parent.mkdir(parents=True)
@@ -143,6 +155,8 @@ def test_output_dir_is_the_run_folder(checkout, tmp_path, direct_launch):
 
 @pytest.mark.parametrize("mode, exit_code, message, error", [
     ("fail", 4, "train_network.py exited with status 7: RuntimeError: something broke", "status 7"),
+    ("launcher-error", 4, "train_network.py exited with status 1: AssertionError: duplicated lora name: "
+                          "lora_unet_time_embedding_linear_1", "AssertionError: duplicated lora name"),
     ("no-data", 3, "No data found", ""),  # sd-scripts exits 0 here
     ("no-file", 4, "did not write tiny-example.safetensors", "did not write"),  # exit 0 but no LoRA
 ])
@@ -245,3 +259,45 @@ def test_interrupt_stops_the_child_and_marks_the_run(checkout, tmp_path, monkeyp
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted"
     assert not (run_dir / "tiny-example.safetensors").exists()
+
+
+def _fake_python(path: Path, has_accelerate: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\nexit {0 if has_accelerate else 1}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_which_python_runs_sd_scripts(checkout, tmp_path):
+    explicit = _fake_python(tmp_path / "env" / "bin" / "python", True)
+    active = _fake_python(tmp_path / "active" / "bin" / "python", True)
+    env = {backend.PYTHON_ENV: str(explicit), "VIRTUAL_ENV": str(tmp_path / "active")}
+    assert backend.choose_python(checkout, env) == (str(explicit), backend.PYTHON_ENV)
+    # a venv folder is enough: its bin/python is taken
+    assert backend.choose_python(checkout, {backend.PYTHON_ENV: str(tmp_path / "env")})[0] == str(explicit)
+    with pytest.raises(ConfigError, match=backend.PYTHON_ENV):
+        backend.choose_python(checkout, {backend.PYTHON_ENV: str(tmp_path / "nowhere")})
+    assert backend.choose_python(checkout, {"VIRTUAL_ENV": str(tmp_path / "active")}) == (
+        str(active), "the active virtual environment (VIRTUAL_ENV)")
+    own, why = backend.choose_python(checkout, {})
+    assert own == sys.executable and "loracli's own Python" in why and backend.PYTHON_ENV in why
+    venv = _fake_python(checkout / "venv" / "bin" / "python", True)
+    assert backend.choose_python(checkout, {"VIRTUAL_ENV": str(tmp_path / "active")}) == (
+        str(venv), "the checkout's venv/")
+    backend.check_python(str(explicit), "test")
+    with pytest.raises(ConfigError, match="has no accelerate"):
+        backend.check_python(str(_fake_python(tmp_path / "bare" / "python", False)), "test")
+    with pytest.raises(ConfigError, match="cannot run"):
+        backend.check_python(str(tmp_path / "missing" / "python"), "test")
+
+
+def test_the_python_is_said_and_a_bad_one_stops_before_the_run_folder(checkout, tmp_path, direct_launch,
+                                                                         monkeypatch):
+    monkeypatch.setenv(backend.PYTHON_ENV, str(_fake_python(tmp_path / "bare" / "python", False)))
+    result = _train(checkout, tmp_path / "runs")
+    assert result.exit_code == 2 and "has no accelerate" in result.stderr
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setenv(backend.PYTHON_ENV, sys.executable)
+    result = _train(checkout, tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert f"sd-scripts python: {sys.executable} ({backend.PYTHON_ENV})" in result.stdout

@@ -17,7 +17,7 @@ from loracli.config.schema import all_keys
 from loracli.errors import ConfigError
 from loracli.plan import build_plan
 from loracli.sdscripts import options
-from loracli.sdscripts.export import Export, build_export, shell_command, training_args
+from loracli.sdscripts.export import Export, build_export, shell_command, training_args, write_export
 from tests.pure.cli_helpers import run_cli
 
 if sys.version_info >= (3, 11):
@@ -143,7 +143,7 @@ def test_example_exports_its_folders_and_values():
     assert dataset["resolution"] == 128 and dataset["batch_size"] == 2 and dataset["enable_bucket"] is True
     flat = exp.flat_args()
     assert flat["network_module"] == "lycoris.kohya"
-    assert flat["network_args"] == ["algo=locon", "preset=full", "conv_dim=8", "conv_alpha=1"]
+    assert flat["network_args"] == ["algo=locon", "preset=lycoris_preset.toml", "conv_dim=8", "conv_alpha=1"]
     assert flat["optimizer_args"] == ["decouple=True", "weight_decay=0.01", "d_coef=2", "use_bias_correction=True",
                                       "safeguard_warmup=False", "betas=(0.9,0.999)"]
     assert flat["resolution"] == "128,128" and flat["max_train_epochs"] == 4 and "max_train_steps" not in flat
@@ -308,3 +308,79 @@ def test_optimizer_value_with_an_equals_sign_is_reported():
     args = training_args(config, exp)
     assert args["optimizer"]["optimizer_args"] == ["weight_decay=0.1"]
     assert [key for key, _ in exp.unsupported] == ["optimizer.optimizer_args.spec"]
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
+def test_lycoris_exports_write_loracli_targets_as_a_preset_file(algo, tmp_path):
+    """Not LyCORIS' preset=full (it wraps conv_in/conv_out/time_embedding and lycoris_lora 4.1.3 refuses it on SD
+    UNets): the table loracli trains with, in a file beside config.toml that network_args points at."""
+    from loracli.sdscripts.lycoris_targets import CONV_TARGETS, PRESET_FILE, same_targets
+
+    exp = export_for(["locon"], [f'network.algo="{algo}"'])
+    assert "preset=full" not in exp.flat_args()["network_args"]
+    out = tmp_path / "export dir"
+    written = write_export(out, exp)
+    assert out / PRESET_FILE in written
+    preset = tomllib.loads((out / PRESET_FILE).read_text())
+    assert preset["unet_target_module"] == ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+    assert preset["unet_target_name"] == [] and "CLIPMLP" in preset["text_encoder_target_module"]
+    assert preset == CONV_TARGETS and same_targets(preset, algo) and not same_targets(preset, "lora")
+    args = tomllib.loads((out / "config.toml").read_text())["network"]["network_args"]
+    assert f"preset={out / PRESET_FILE}" in args  # absolute: sd-scripts runs from its own checkout
+    # lycoris_lora's preset reader accepts the file (the keys of its PresetConfig)
+    lycoris_keys = {"enable_conv", "unet_target_module", "unet_target_name", "text_encoder_target_module",
+                    "text_encoder_target_name", "module_algo_map", "name_algo_map", "exclude_name", "use_fnmatch"}
+    assert set(preset) <= lycoris_keys
+    # plain LoRA goes through networks.lora: no preset file
+    plain = export_for([])
+    assert plain.lycoris_preset is None
+    assert PRESET_FILE not in {p.name for p in write_export(tmp_path / "plain", plain)}
+
+
+def test_import_refuses_a_preset_file_with_other_targets(tmp_path):
+    from loracli.sdscripts.importer import import_file
+    from loracli.sdscripts.lycoris_targets import CONV_TARGETS
+
+    import tomli_w
+
+    (tmp_path / "mine.toml").write_text(tomli_w.dumps({**CONV_TARGETS, "unet_target_name": ["conv_in"]}))
+    (tmp_path / "t.sh").write_text("accelerate launch train_network.py --pretrained_model_name_or_path=/m "
+                                   "--train_data_dir=/d --max_train_steps=5 --network_module=lycoris.kohya "
+                                   f"--network_args algo=loha preset={tmp_path / 'mine.toml'} preset2=x\n")
+    result = import_file(tmp_path / "t.sh")
+    assert "other layers" in result.unsupported["--network_args preset"]
+    (tmp_path / "t.sh").write_text("accelerate launch train_network.py --network_module=lycoris.kohya "
+                                   "--network_args algo=loha preset=missing.toml\n")
+    assert "not found" in import_file(tmp_path / "t.sh").unsupported["--network_args preset"]
+
+
+def _diffusers_folder(root: Path, unet_config: dict) -> Path:
+    """A diffusers SD1 pipeline folder as far as the torch-free plan reads it (configs, weight file names)."""
+    parts = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+             "text_encoder": "model.safetensors", "tokenizer": "vocab.json", "scheduler": "scheduler_config.json"}
+    for part, weights in parts.items():
+        (root / part).mkdir(parents=True)
+        (root / part / weights).write_bytes(b"")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", **{part: ["diffusers", "X"] for part in parts}}))
+    (root / "unet" / "config.json").write_text(json.dumps(unet_config))
+    (root / "text_encoder" / "config.json").write_text(json.dumps({"hidden_size": 768, "hidden_act": "quick_gelu"}))
+    return root
+
+
+def test_a_diffusers_unet_sd_scripts_cannot_rebuild_is_warned_about(tmp_path):
+    from loracli.sdscripts.unet_layout import FIXED_LAYOUT, layout_differences
+
+    standard = _diffusers_folder(tmp_path / "sd15", {**FIXED_LAYOUT["sd1"], "cross_attention_dim": 768})
+    small = _diffusers_folder(tmp_path / "small", {**FIXED_LAYOUT["sd1"], "block_out_channels": [32, 64],
+                                                   "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"]})
+    assert layout_differences(str(standard), "sd1") == []
+    assert [d.split(" ")[0] for d in layout_differences(str(small), "sd1")] == ["block_out_channels",
+                                                                             "down_block_types"]
+    assert layout_differences("tiny:sd15", "sd1") == [] and layout_differences(str(tmp_path), "sd1") == []
+    for model, warned in ((standard, False), (small, True)):
+        resolved = resolve_config(EXAMPLE, [], [f'model.pretrained_model_name_or_path="{model}"'])
+        exp = build_export(resolved.config, build_plan(resolved))
+        warnings = [w for w in exp.warnings if "not laid out like" in w]
+        assert bool(warnings) == warned
+    assert "[32, 64] (sd-scripts builds [320, 640, 1280, 1280])" in warnings[0]
