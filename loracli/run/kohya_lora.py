@@ -287,6 +287,9 @@ def create_kohya_lora(spec: NetworkSpec, text_encoders: list, unet, family: Mode
     Modules are created in sd-scripts' order (text encoders, then UNet) and for every part,
     so the same seed draws the same initial weights; parts that do not train are then dropped.
     """
+    _refuse_lycoris_options(spec)
+    if isinstance(text_encoders, nn.Module):
+        text_encoders = [text_encoders]
     if len(text_encoders) != len(family.text_encoder_prefixes):
         raise ValueError(f"{family.name} has {len(family.text_encoder_prefixes)} text encoder(s), "
                          f"got {len(text_encoders)}")
@@ -312,6 +315,18 @@ def create_kohya_lora(spec: NetworkSpec, text_encoders: list, unet, family: Mode
     network.apply_to()
     network.requires_grad_(True)
     return network
+
+
+def _refuse_lycoris_options(spec: NetworkSpec) -> None:
+    """networks.lora has none of LyCORIS' switches: a set one would be silently ignored, so refuse it."""
+    if spec.algo != "lora":
+        raise ValueError(f"plain LoRA builds algo 'lora', not {spec.algo!r} (LyCORIS algos use lycoris_lora)")
+    options = {"use_tucker": spec.use_tucker, "use_scalar": spec.use_scalar, **spec.extra_args}
+    set_options = [key for key, value in options.items() if value]
+    if set_options:
+        raise ConfigError(Problem(f"network.{set_options[0]}",
+                                  "is a LyCORIS option; sd-scripts' networks.lora (algo = \"lora\") has no such "
+                                  "setting", 'remove it, or use algo = "locon" (LyCORIS)'))
 
 
 def _with_alpha(spec: NetworkSpec, alpha: float) -> NetworkSpec:

@@ -136,6 +136,22 @@ def test_half_base_without_autocast_runs_the_branch_in_fp32_and_keeps_the_dtype(
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gradients_under_autocast_are_kohyas_and_land_in_fp32(dtype):
+    base = linear(dtype).requires_grad_(False)
+    lora = lora_on(base)
+    down = lora.lora_down.weight.detach().clone().requires_grad_(True)
+    up = lora.lora_up.weight.detach().clone().requires_grad_(True)
+    x = torch.randn(3, 5, 16).to(dtype)
+    with autocast_for(dtype):
+        loss = base(x).float().square().mean()
+        want = (F.linear(x, base.weight, base.bias) + kohya_branch(x, down, up, 0.5)).float().square().mean()
+    loss.backward()
+    want.backward()
+    assert lora.lora_down.weight.grad.dtype == torch.float32 and lora.lora_up.weight.grad.abs().max() > 0
+    assert torch.equal(lora.lora_down.weight.grad, down.grad) and torch.equal(lora.lora_up.weight.grad, up.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_an_update_below_the_weight_grid_still_shows_in_the_output(dtype):
     """Rebuilding W + ΔW in the base dtype loses an update smaller than W's rounding step; the branch keeps it."""
     base = nn.Linear(2, 1, bias=False).to(dtype)
@@ -336,6 +352,17 @@ def test_parts_that_do_not_train_get_no_modules():
     te_only = create_kohya_lora(NetworkSpec(algo="lora", dim=4, alpha=2, train_unet=False), [sd.text_encoder],
                                 sd.unet, SD1)
     assert te_only.unet_loras == [] and not any(k.startswith("lora_unet") for k in te_only.state_dict())
+
+
+@pytest.mark.parametrize("option", [dict(use_tucker=True), dict(use_scalar=True),
+                                    dict(extra_args={"train_norm": True})], ids=["use_tucker", "use_scalar", "train_norm"])
+def test_lycoris_only_switches_are_refused_not_ignored(option):
+    sd = tiny_sd15()
+    with pytest.raises(ConfigError, match=f"network.{next(iter(option.get('extra_args', option)))}.*LyCORIS"):
+        create_kohya_lora(NetworkSpec(algo="lora", dim=4, alpha=2, **option), [sd.text_encoder], sd.unet, SD1)
+    network = create_kohya_lora(NetworkSpec(algo="lora", dim=4, alpha=2, extra_args={"train_norm": False}),
+                                [sd.text_encoder], sd.unet, SD1)  # switches left off are fine
+    assert network.unet_loras
 
 
 def test_multiplier_and_restore():
