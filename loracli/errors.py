@@ -130,9 +130,10 @@ def from_exception(exc: BaseException) -> LoracliError | None:
         return exc
     name = type(exc).__name__
     if isinstance(exc, OSError) and exc.errno is not None:
-        where = exc.filename or "loracli"
+        # a write to an open file (metrics, a log) fails without a file name: the run folder is the place
+        where = exc.filename or (str(CONTEXT.run_dir) if CONTEXT.run_dir else "loracli")
         if exc.errno in _DISK_FULL:
-            disk = disk_of(exc.filename) or "the disk"
+            disk = disk_of(exc.filename or CONTEXT.run_dir) or "the disk"
             return TrainingError(Problem(str(where), f"disk full while writing it (on {disk})",
                                          "free some space, then run it again"))
         message, hint = _OS_MESSAGES.get(exc.errno, (exc.strerror or name, "check the path"))
