@@ -401,6 +401,12 @@ def test_load_weights_round_trip_shapes_and_alpha():
         other.load_weights({"lora_unet_nowhere.alpha": torch.tensor(1.0)})
 
 
+def text_out(text_encoder):
+    ids = torch.arange(1, 12).unsqueeze(0)
+    with torch.no_grad():
+        return text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+
+
 def test_a_saved_file_loads_in_diffusers_and_computes_the_same(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -408,7 +414,7 @@ def test_a_saved_file_loads_in_diffusers_and_computes_the_same(tmp_path):
     network = create_kohya_lora(NetworkSpec(algo="lora", dim=4, alpha=2, conv_dim=2, conv_alpha=2),
                                 [sd.text_encoder], sd.unet, SD1)
     perturb(network)
-    ours = unet_out(sd.unet)
+    ours, ours_text = unet_out(sd.unet), text_out(sd.text_encoder)
     path = tmp_path / "lora.safetensors"
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path))
     pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_model("tiny:sd15"), local_files_only=True,
@@ -417,17 +423,24 @@ def test_a_saved_file_loads_in_diffusers_and_computes_the_same(tmp_path):
     pipe.load_lora_weights(str(path))
     after = unet_out(pipe.unet)
     assert not torch.allclose(before, after, atol=1e-4)
-    assert torch.allclose(after, ours, atol=1e-4)  # same modules, same scale, same output
+    assert torch.allclose(after, ours, atol=1e-5)  # same modules, same scale, same output
+    assert torch.allclose(text_out(pipe.text_encoder), ours_text, atol=1e-5)
 
 
-def test_tiny_sdxl_names_are_sai_and_te1_te2():
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+def sdxl_unet_out(unet):
+    g = torch.Generator().manual_seed(0)
+    latents, hidden = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 96, generator=g)
+    added = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), hidden, added_cond_kwargs=added).sample
+
+
+def test_tiny_sdxl_names_are_sai_and_load_in_diffusers(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
 
     folder = ensure_tiny_model("tiny:sdxl")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    te1 = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    te2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    unet, te1, te2 = pipe.unet, pipe.text_encoder, pipe.text_encoder_2
     network = create_kohya_lora(NetworkSpec(algo="lora", dim=4, alpha=2, conv_dim=2), [te1, te2], unet, SDXL)
     # transformer depths (1, 1, 2): 17 transformer blocks x 10 layers + 11 models x proj_in/out; 2 and 3 layers x 6
     assert [len(loras) for loras in network.text_encoder_loras_by_index] == [12, 18]
@@ -444,6 +457,19 @@ def test_tiny_sdxl_names_are_sai_and_te1_te2():
     assert "lora_te2_text_model_encoder_layers_2_self_attn_out_proj.alpha" in keys
     assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
                              "lora_te1_text_model_", "lora_te2_text_model_")) for k in keys)
+    # diffusers maps the SAI names back onto its own modules and computes what we compute
+    base = sdxl_unet_out(unet)
+    perturb(network)
+    ours, ours_te2 = sdxl_unet_out(unet), text_out(te2)
+    path = tmp_path / "sdxl.safetensors"
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path))
+    network.restore()
+    fresh = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    fresh.load_lora_weights(str(path))
+    got = sdxl_unet_out(fresh.unet)
+    assert not torch.allclose(got, base, atol=1e-4)
+    assert torch.allclose(got, ours, atol=1e-5)
+    assert torch.allclose(text_out(fresh.text_encoder_2), ours_te2, atol=1e-5)
 
 
 # --- dropouts change training ----------------------------------------------------------------------
