@@ -169,16 +169,25 @@ def _train_error(project: Path, model: Path, *extra: str):
     return result.exit_code, result.stderr
 
 
-def test_sdxl_file_is_refused_naming_what_was_found(smoke_project, tmp_path, no_network):
-    sdxl = _fake(tmp_path / "sdxl.safetensors", {
-        "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
-        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
-        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 8),
-        "conditioner.embedders.1.model.token_embedding.weight": (49408, 8),
+def test_sdxl_refiner_and_inpainting_files_are_refused_naming_what_they_are(smoke_project, tmp_path, no_network):
+    embedder = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+    refiner = _fake(tmp_path / "refiner.safetensors", {
+        "model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+        "model.diffusion_model.label_emb.0.0.weight": (1536, 2560),
+        "conditioner.embedders.0.model.token_embedding.weight": (49408, 8),
+        "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
     })
-    code, err = _train_error(tmp_path, sdxl)
-    assert code == 2 and "SDXL" in err and "SD1.x or SD2.x" in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    inpaint = _fake(tmp_path / "inpaint.safetensors", {
+        "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3),
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816), embedder: (49408, 8),
+        "conditioner.embedders.1.model.token_embedding.weight": (49408, 8),
+        "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
+    })
+    for path, words in ((refiner, "refiner"), (inpaint, "inpainting")):
+        code, err = _train_error(tmp_path, path)
+        assert code == 2 and words in err and str(path) in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "runs").exists()  # refused at plan time: no run folder
 
 
 def test_ckpt_needs_the_opt_in_and_then_loads(smoke_project, tmp_path, no_network):
