@@ -122,19 +122,22 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180):
 def test_a_running_run_is_locked_and_resume_repairs_what_a_kill_leaves(smoke_project):
     root = smoke_project.parent
     cfg = root / "long.toml"
-    cfg.write_text(CONFIG.replace("max_train_epochs = 3", "max_train_steps = 6")
-                   .replace("[output]", "[output]\nsave_state_every_n_steps = 1"))
+    cfg.write_text(CONFIG.replace("max_train_epochs = 3", "max_train_steps = 8"))
     proc = subprocess.Popen([sys.executable, "-m", "loracli", "train", "--config", str(cfg)], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         run = wait_for(lambda: next((m.parent for m in (root / "runs").glob("*/metrics.jsonl")
                                      if len(m.read_text().splitlines()) >= 2), None), proc)
-        second = loracli(root, "train", "--resume", run)
+        proc.send_signal(signal.SIGSTOP)  # frozen mid-run, its lock held: no race with its last step
+        try:
+            second = loracli(root, "train", "--resume", run)
+        finally:
+            proc.send_signal(signal.SIGCONT)
         assert second.returncode == 4, second.stderr
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and f"pid {proc.pid}" in lines[0] and str(run) in lines[0]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 130
+        proc.send_signal(signal.SIGTERM)  # saves the state after the current step
+        assert proc.wait(timeout=120) == 130, proc.communicate()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -148,9 +151,9 @@ def test_a_running_run_is_locked_and_resume_repairs_what_a_kill_leaves(smoke_pro
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "torn line" in resumed.stdout and not any(p.exists() for p in leftovers)
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "finished" and status["step"] == 6
+    assert status["state"] == "finished" and status["step"] == 8
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 7))
+    assert steps == list(range(1, 9))
 
 
 def test_the_disk_filling_up_mid_run_is_one_line_naming_the_disk(smoke_project, tmp_path):
