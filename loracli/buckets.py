@@ -60,6 +60,8 @@ def make_bucket_resolutions(resolution: Size, min_reso: int, max_reso: int, step
             if height >= min_reso:
                 resos.add((width, height))
                 resos.add((height, width))
+            elif (area // width) // step * step < min_reso:
+                break  # heights only shrink as width grows: no later width fits (bounded even for max 1e12)
         width += step
     return sorted(resos)
 

@@ -28,7 +28,8 @@ class CaptionOptions:
 
 
 def _pieces(text: str, separator: str, drop_empty: bool) -> list[str]:
-    tokens = [t.strip() for t in text.split(separator)]
+    # The schema refuses an empty separator; a library caller passing one gets the caption as one token.
+    tokens = [t.strip() for t in text.split(separator)] if separator else [text.strip()]
     return [t for t in tokens if t] if drop_empty else tokens
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from rich.console import Console
@@ -61,9 +61,19 @@ def queue_run(configs: list[Path], presets: list[str], queue_file: Path, retries
 
 def queue_status(queue_file: Path, as_json: bool) -> None:
     state = QueueFile.load(queue_file)
-    jobs = [Job(**data) for data in state.jobs.values()]
+    jobs = [_job_from_record(queue_file, data) for data in state.jobs.values()]
     if as_json:
         print(json.dumps([asdict(j) for j in jobs], indent=2))
     else:
         print_summary(jobs, Console(highlight=False, width=120))
     sys.stdout.flush()
+
+
+def _job_from_record(queue_file: Path, data: dict) -> Job:
+    """A job as the queue file recorded it; a record that is not one is a clear error, not a TypeError."""
+    known = {f.name for f in fields(Job)}
+    try:
+        return Job(**{k: v for k, v in data.items() if k in known})
+    except TypeError:
+        raise ConfigError(Problem(f"--queue-file {queue_file}", "holds a job record without config/presets",
+                                  "delete it or pass another --queue-file")) from None

@@ -102,6 +102,10 @@ CONFIG_CASES = [
     Case("network_dim 10**9", conf("[network]\nnetwork_dim = 1000000000\n"), 2, ("network.network_dim",)),
     Case("bucket_reso_steps 10**6", conf(replace=("max_bucket_reso = 256",
          "max_bucket_reso = 256\nbucket_reso_steps = 1000000")), 2, ("dataset.bucket_reso_steps",)),
+    Case("empty caption_separator", conf(replace=("resolution = 128",
+         "resolution = 128\nshuffle_caption = true\ncaption_separator = ''")), 2, ("dataset.caption_separator",)),
+    Case("empty secondary_separator", conf(replace=("resolution = 128",
+         "resolution = 128\nsecondary_separator = ''")), 2, ("dataset.secondary_separator",)),
     # --- the plan's own work stays bounded
     Case("save every epoch of 100000", conf("[output]\nsave_every_n_epochs = 1\n",
          ("max_train_epochs = 4", "max_train_epochs = 100000")), 2, ("output.save_every_n_epochs", "100000 files")),
@@ -368,6 +372,9 @@ QUEUE_CASES = [
     Case("queue: damaged queue file", _queue_file('{"jobs": {'), 2, ("--queue-file", "q.json", "not a queue file")),
     Case("queue: queue file is a list", _queue_file("[1, 2]"), 2, ("q.json", "not a queue file")),
     Case("queue: queue file jobs of the wrong type", _queue_file('{"jobs": {"a": 3}}'), 2, ("q.json",)),
+    Case("queue: status of a record without a config", lambda root: (root / "q.json").write_text(
+        '{"jobs": {"k": {"status": "finished"}}}') and ["queue", "status", "--queue-file", root / "q.json"], 2,
+        ("q.json", "job record")),
     Case("queue: status of a damaged queue file", lambda root: (root / "q.json").write_text("{") and
          ["queue", "status", "--queue-file", root / "q.json"], 2, ("q.json",)),
 ]
