@@ -74,10 +74,10 @@ class DatasetSection(Section):
     bucket_no_upscale: bool = Field(False, description="Never enlarge images to fill a bucket.")
     caption_extension: str = Field(".txt", description="Caption file extension (sd-scripts defaults to .caption).")
     shuffle_caption: bool = False
-    caption_separator: str = ","
+    caption_separator: str = Field(",", min_length=1)
     keep_tokens: int = Field(0, ge=0, le=MAX_COUNT)
     keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
+    secondary_separator: str | None = Field(None, min_length=1)
     caption_prefix: str | None = None
     caption_suffix: str | None = None
     caption_dropout_rate: float = Field(0.0, ge=0, le=1)
