@@ -170,7 +170,7 @@ def kohya_ss_args(data: dict[str, Any], result: ImportResult) -> tuple[dict[str,
                 result.skip(key, reason)
     extra = take("additional_parameters")
     if isinstance(extra, str) and extra.strip():
-        _additional(extra, result, args)
+        _additional(extra, result, args, sdxl=_truthy(data.get("sdxl")))
     elif "additional_parameters" in data:
         result.unset("additional_parameters")
     for key in data:
@@ -431,14 +431,17 @@ def _sampling(data: dict[str, Any], take: Any, result: ImportResult, args: _Args
         result.unset("sample_sampler")
 
 
-def _additional(text: str, result: ImportResult, args: _Args) -> None:
-    """`additional_parameters`: extra command-line options the GUI appends verbatim."""
+def _additional(text: str, result: ImportResult, args: _Args, sdxl: bool = False) -> None:
+    """`additional_parameters`: extra command-line options the GUI appends verbatim (to the SDXL script's
+    command line when "sdxl" is on)."""
     from loracli.sdscripts.import_shell import find_command
 
-    cmd = find_command("train_network.py " + text)
+    script = "sdxl_train_network.py" if sdxl else "train_network.py"
+    cmd = find_command(f"{script} {text}")
     if cmd is None or cmd.stray:
         result.skip("additional_parameters", f"could not read {text!r} as sd-scripts options")
         return
     for name, value in cmd.args.items():
-        args.put(name, value, "additional_parameters")
+        args.put(name, value, f"additional_parameters --{name}")
+    result.mapped.setdefault("additional_parameters", ["(read as command-line options)"])
     result.note(f"additional_parameters: read as command-line options ({', '.join('--' + n for n in cmd.args)})")

@@ -228,7 +228,8 @@ def test_sd_scripts_toml_with_an_sdxl_only_option_is_sdxl(tmp_path):
 def test_kohya_ss_sdxl_switches(tmp_path, sdxl):
     data = json.loads((DATA / "import" / "kohya_ss_lora.json").read_text())
     data.update(sdxl=sdxl, sdxl_cache_text_encoder_outputs=True, sdxl_no_half_vae=True, text_encoder_lr=0,
-                shuffle_caption=False, clip_skip="0")
+                shuffle_caption=False, clip_skip="0",
+                additional_parameters="--cache_text_encoder_outputs_to_disk --max_grad_norm 0.5")
     (tmp_path / "k.json").write_text(json.dumps(data))
     result = import_file(tmp_path / "k.json")
     v = result.values
@@ -236,10 +237,14 @@ def test_kohya_ss_sdxl_switches(tmp_path, sdxl):
         assert v["model"]["sdxl"] is True and v["model"]["no_half_vae"] is True
         assert v["training"]["cache_text_encoder_outputs"] is True
         assert result.mapped["sdxl_no_half_vae"] == ["model.no_half_vae"]
+        # the GUI appends additional_parameters to the SDXL script's command line: its flags are known there
+        assert v["training"]["cache_text_encoder_outputs_to_disk"] is True
+        assert v["optimizer"]["max_grad_norm"] == 0.5
     else:  # the GUI passes its SDXL switches only with "sdxl" on
         assert "sdxl" not in v["model"] and "no_half_vae" not in v["model"]
         assert "cache_text_encoder_outputs" not in v.get("training", {})
         assert {"sdxl", "sdxl_no_half_vae", "sdxl_cache_text_encoder_outputs"} <= set(result.empty)
+        assert "sdxl_train_network.py option" in result.unsupported["additional_parameters --cache_text_encoder_outputs_to_disk"]
     assert not {"sdxl", "sdxl_no_half_vae", "sdxl_cache_text_encoder_outputs"} & set(result.unsupported)
 
 
