@@ -148,6 +148,12 @@ def from_exception(exc: BaseException) -> LoracliError | None:
                                     "the file is damaged; restore or delete it"))
     if name == "TOMLDecodeError":
         return ConfigError(Problem("loracli", f"malformed TOML ({exc})", "see https://toml.io for the syntax"))
+    if name == "SafetensorError" and "os error" in str(exc):  # a failed write (full disk) or read
+        import re
+
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code:
+            return from_exception(OSError(int(code.group(1)), os.strerror(int(code.group(1)))))
     if name == "SafetensorError":
         return DatasetError(Problem("loracli", f"not a readable safetensors file ({exc})",
                                     "the file is truncated or not safetensors; download it again"))

@@ -8,15 +8,20 @@ and then renamed over the target in one step (`os.replace`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 from safetensors.torch import save_file
+
+from loracli.errors import Problem, TrainingError, disk_of
 
 SAVE_DTYPES: dict[str, torch.dtype] = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -87,13 +92,43 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mappi
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:
-        save_file(_ready(tensors), str(tmp), metadata=dict(metadata))
+        try:
+            save_file(_ready(tensors), str(tmp), metadata=dict(metadata))
+        except safetensors.SafetensorError as exc:
+            raise as_os_error(exc, path) from None
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         _discard(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def as_os_error(exc: Exception, path: Path) -> Exception:
+    """safetensors reports a failed write (a full disk) as SafetensorError("... (os error 28)"): give it back
+    as the OSError it is, naming the file, so it is worded like every other file-system failure."""
+    code = os_error_code(str(exc))
+    return OSError(code, os.strerror(code), str(path)) if code is not None else exc
+
+
+def os_error_code(message: str) -> int | None:
+    match = re.search(r"\(os error (\d+)\)", message)
+    return int(match.group(1)) if match else None
+
+
+def save_failure(exc: OSError, target: Path, run_dir: Path, state_saved: Path | None) -> TrainingError:
+    """The one line for a LoRA save that failed (a full disk, a quota, a read-only remount): the file,
+    the disk and its free space, and how to go on. `state_saved` is the training state the caller
+    managed to save after the failure (None: none could be saved)."""
+    disk = disk_of(target) or "its disk"
+    reason = "disk full" if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) else \
+        (exc.strerror or type(exc).__name__)
+    if state_saved is not None:
+        after = f"the training state is saved ({state_saved.name}): free some space, then loracli train --resume {run_dir}"
+    else:
+        after = ("no training state could be saved either; free some space and start again (the LoRA files "
+                 "already in the run folder are whole)")
+    return TrainingError(Problem(str(target), f"could not be saved: {reason} on {disk}", after))
 
 
 def cleanup_temp_files(folder: Path) -> list[Path]:

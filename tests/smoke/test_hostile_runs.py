@@ -189,3 +189,23 @@ def _fill(path: Path) -> None:
                 f.flush()
     except OSError as exc:
         assert exc.errno == errno.ENOSPC, exc
+
+
+def test_a_lora_save_on_a_full_disk_leaves_no_temp_file_and_names_the_disk(tmp_path):
+    """What train.py's save() reports when the disk is full (save_failure), on a real full tmpfs."""
+    import torch
+
+    from loracli.run.saving import atomic_save_safetensors, save_failure
+
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        _fill(disk / "filler")
+        target = disk / "run" / "my.safetensors"
+        with pytest.raises(OSError) as caught:
+            atomic_save_safetensors({"w": torch.zeros(4096, 64)}, {"ss_steps": "1"}, target)
+        assert caught.value.errno == errno.ENOSPC
+        assert not [p for p in target.parent.iterdir()]  # neither the file nor its temp
+        state = disk / "run" / "state" / "step-00000010"
+        line = save_failure(caught.value, target, target.parent, state).problems[0].render()
+        assert line.startswith(str(target)) and f"disk full on {disk}" in line and "MiB free" in line
+        assert f"loracli train --resume {target.parent}" in line and "step-00000010" in line
+        assert "no training state" in save_failure(caught.value, target, target.parent, None).problems[0].render()
