@@ -116,6 +116,20 @@ def test_sdxl_lora_has_sd_scripts_names_and_loads_in_the_diffusers_sdxl_pipeline
         return pipe("thing0", num_inference_steps=1, height=64, width=64, generator=generator,
                     output_type="latent").images
 
+    # loracli grid hooks every module of an SDXL file into the SDXL models, and renders.
+    from loracli.run.models import load_sd_components
+    from loracli.run.strength_grid import GridJob, hook_lora_file, render_grids
+    from loracli.sample_prompts import parse_prompt_line
+
+    hooked = hook_lora_file(lora, load_sd_components("tiny:sdxl"))
+    assert len(hooked.unet_loras) + len(hooked.text_encoder_loras) == len(modules)
+
+    job = GridJob(files=[lora], prompts=[parse_prompt_line("thing0 --w 64 --h 64 --s 2", 0)], strengths=[0.0, 1.0],
+                  seeds=[1], model="tiny:sdxl", out_dir=run / "grids")
+    cells = []
+    (grid,) = render_grids(job, "cpu", on_image=lambda: cells.append(1))
+    assert grid.is_file() and len(cells) == 2
+
     before = latents()
     pipe.load_lora_weights(str(lora))
     wrapped = [m for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
