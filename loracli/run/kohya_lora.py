@@ -212,22 +212,22 @@ class KohyaLoRANetwork(nn.Module):
     def apply_max_norm_regularization(self, max_norm: float, device: torch.device | str
                                       ) -> tuple[int, float, float]:
         """sd-scripts' scale_weight_norms: each module whose ‖ΔW‖ exceeds max_norm gets up and down
-        multiplied by √(max_norm/‖ΔW‖). Returns (modules scaled, mean norm, max norm) after scaling."""
-        norms: list[float] = []
-        keys_scaled = 0
-        for lora in self.all_loras():
-            norm_now = lora.delta_weight().to(device).norm()
-            norm = norm_now.clamp(min=max_norm / 2)
-            ratio = norm.clamp(max=max_norm).cpu() / norm.cpu()
-            if ratio != 1:
-                keys_scaled += 1
-                factor = ratio.sqrt()
-                lora.lora_up.weight.mul_(factor.to(lora.lora_up.weight.device))
-                lora.lora_down.weight.mul_(factor.to(lora.lora_down.weight.device))
-            norms.append((norm_now.cpu() * ratio).item())
-        if not norms:
+        multiplied by √(max_norm/‖ΔW‖). Returns (modules scaled, mean norm, max norm) after scaling.
+
+        The same numbers as sd-scripts, with one host sync per call instead of one per module."""
+        loras = list(self.all_loras())
+        if not loras:
             return 0, 0.0, 0.0
-        return keys_scaled, sum(norms) / len(norms), max(norms)
+        norms = torch.stack([lora.delta_weight().to(device).norm() for lora in loras])
+        clamped = norms.clamp(min=max_norm / 2)  # small norms give ratio 1: left alone
+        ratios = clamped.clamp(max=max_norm) / clamped
+        factors = ratios.sqrt()
+        for lora, factor in zip(loras, factors):  # × 1.0 where not scaled: exact, and no sync to decide
+            lora.lora_up.weight.mul_(factor.to(lora.lora_up.weight.device))
+            lora.lora_down.weight.mul_(factor.to(lora.lora_down.weight.device))
+        scaled = norms * ratios
+        summary = torch.stack([(ratios != 1).sum().to(scaled.dtype), scaled.mean(), scaled.max()]).tolist()
+        return int(summary[0]), summary[1], summary[2]
 
 
 def _text_encoder_path(path: str) -> str:
