@@ -284,8 +284,8 @@ def _unet_names(unet: nn.Module, family: ModelFamily, spec: NetworkSpec) -> list
 def create_kohya_lora(spec: NetworkSpec, text_encoders: list, unet, family: ModelFamily) -> KohyaLoRANetwork:
     """sd-scripts' networks.lora on a diffusers UNet and transformers text encoders, applied.
 
-    Modules are created in sd-scripts' order (text encoders, then UNet) and for every part,
-    so the same seed draws the same initial weights; parts that do not train are then dropped.
+    As sd-scripts, modules are created for every part (text encoders first, then the UNet),
+    each drawing its initial weights, and the parts that do not train are dropped afterwards.
     """
     _refuse_lycoris_options(spec)
     if isinstance(text_encoders, nn.Module):
