@@ -15,7 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loracli.errors import TrainingError
+from loracli.errors import Problem, TrainingError
 
 STATE_DIR = "state"
 MARKER = "COMPLETE"
@@ -86,7 +86,26 @@ def load_latest_state(accelerator, run_dir: Path) -> TrainState | None:
     states = complete_states(run_dir)
     if not states:
         return None
-    latest = states[-1]
-    accelerator.load_state(str(latest))
-    data = json.loads((latest / "train_state.json").read_text())
-    return TrainState(**data)
+    damaged = []
+    for latest in reversed(states):  # a state damaged on disk after it was completed: fall back to the one before
+        position = read_train_state(latest)
+        if position is not None:
+            accelerator.load_state(str(latest))
+            return position
+        damaged.append(latest / "train_state.json")
+    raise TrainingError(Problem(str(damaged[0]), "is damaged, and so is every older state's"
+                                if len(damaged) > 1 else "is damaged",
+                                "the run cannot be resumed; start it again"))
+
+
+def read_train_state(folder: Path) -> TrainState | None:
+    """The position saved in a state folder; None when its train_state.json is missing or damaged."""
+    try:
+        data = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
+        state = TrainState(**data)
+    except (OSError, ValueError, TypeError, RecursionError):
+        return None
+    numbers = (state.global_step, state.epoch, state.batches_done)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+        return None
+    return state if isinstance(state.loader_rng, list) else None
