@@ -384,3 +384,32 @@ def test_a_diffusers_unet_sd_scripts_cannot_rebuild_is_warned_about(tmp_path):
         warnings = [w for w in exp.warnings if "not laid out like" in w]
         assert bool(warnings) == warned
     assert "[32, 64] (sd-scripts builds [320, 640, 1280, 1280])" in warnings[0]
+
+
+ALGO_SETS = {"lora": ['network.network_module="networks.lora"', 'network.algo="lora"'],
+             "locon": ['network.network_module="lycoris.kohya"', 'network.algo="locon"', "network.conv_dim=4"],
+             "loha": ['network.network_module="lycoris.kohya"', 'network.algo="loha"', "network.conv_dim=4"],
+             "lokr": ['network.network_module="lycoris.kohya"', 'network.algo="lokr"', "network.factor=4"]}
+
+
+@pytest.mark.parametrize("algo", list(ALGO_SETS))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_with_every_algo_exports_what_its_script_takes(preset, algo, tmp_path):
+    from loracli.sdscripts.lycoris_targets import PRESET_FILE, same_targets
+
+    exp = export_for([preset], ALGO_SETS[algo])
+    flat = exp.flat_args()
+    _parse([t for name, value in flat.items() for t in options.cli_tokens(name, value, exp.script)], exp.script)
+    assert set(flat) <= set(options.load_option_table(exp.script))
+    written = {p.name for p in write_export(tmp_path, exp)}
+    args = tomllib.loads((tmp_path / "config.toml").read_text())["network"].get("network_args", [])
+    if algo == "lora":
+        assert flat["network_module"] == "networks.lora" and PRESET_FILE not in written
+    else:
+        assert f"algo={algo}" in args and f"preset={tmp_path / PRESET_FILE}" in args
+        assert same_targets(tomllib.loads((tmp_path / PRESET_FILE).read_text()), algo)
+    dataset = tomllib.loads((tmp_path / "dataset.toml").read_text())
+    assert set(dataset["general"]) <= ALL_LEVELS | DATASET_LEVEL
+    (ds,) = dataset["datasets"]
+    assert ds["bucket_reso_steps"] % (32 if exp.script == "sdxl_train_network.py" else 64) == 0
+    assert [set(s) <= ALL_LEVELS | SUBSET_ONLY for s in ds["subsets"]] == [True, True]
