@@ -87,6 +87,7 @@ class Case:
     may_write: tuple[str, ...] = ()  # paths (relative to the project) the command may create
     env: dict[str, str] = field(default_factory=dict)
     skip: str = ""  # a reason to skip on this machine, decided at collection
+    absent: tuple[str, ...] = ()  # what the error must not say (e.g. blame the file for a --set value)
 
 
 def check(case: Case, root: Path, result, before: set[str]) -> None:
@@ -100,6 +101,8 @@ def check(case: Case, root: Path, result, before: set[str]) -> None:
     assert all(line.startswith("error: ") for line in lines), result.stderr
     for text in case.names:
         assert text in result.stderr, (case.name, text, result.stderr)
+    for text in case.absent:
+        assert text not in result.stderr, (case.name, text, result.stderr)
     written = snapshot(root) - before
     allowed = {w for w in written if any(w == p or w.startswith(p + os.sep) for p in case.may_write)}
     assert written == allowed, (case.name, sorted(written - allowed))
