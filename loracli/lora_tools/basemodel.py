@@ -65,6 +65,7 @@ class BaseModel:
     files: dict[str, Path]
     targets: dict[str, Target] = field(default_factory=dict)
     v_parameterization: bool = False
+    unet_config: dict = field(default_factory=dict)  # diffusers folders
     _handles: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -269,7 +270,7 @@ def _open_diffusers(path: Path, option: str) -> BaseModel:
     unet_config = json.loads((path / "unet" / "config.json").read_text())
     scheduler = path / "scheduler" / "scheduler_config.json"
     v_param = scheduler.is_file() and json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction"
-    model = BaseModel(path, family, "diffusers", {}, v_parameterization=v_param)
+    model = BaseModel(path, family, "diffusers", {}, v_parameterization=v_param, unet_config=unet_config)
     layers, up_attention = _unet_layout(unet_config)
     components = [("unet", None), ("text_encoder", "lora_te1" if sdxl else "lora_te")]
     if sdxl:

@@ -89,51 +89,82 @@ def parse_ratios(ratios: list[float] | None, count: int) -> list[float]:
 def merge_into_checkpoint(base_path: Path, lora_paths: list[Path], ratios: list[float] | None, target_path: Path,
                           save_precision: str | None = None, device: str | None = None,
                           force: bool = False) -> MergeReport:
+    """The base model with ratio·ΔW of each LoRA added, as one single-file checkpoint: a single file
+    keeps its layout; an SD1/SDXL diffusers folder is written in the single-file layout."""
+    from loracli.lora_tools.ldm_layout import Output, single_file_layout
+
     ratios = parse_ratios(ratios, len(lora_paths))
     target_path = check_output(target_path, force, [base_path, *lora_paths])
     dtype = save_dtype(save_precision)
     chosen = resolve_device(device)
     base = open_base_model(base_path, "--model")
-    if base.layout != "single-file":
-        raise ConfigError(Problem(f"--model {base_path}", "merging into a diffusers folder is not supported yet",
-                                  "give the model as a single-file .safetensors checkpoint"))
     loras = [open_lora(p, "lora") for p in lora_paths]
-    plan: dict[str, list[tuple[LoraFile, LoraModule, Target, float]]] = {}
+    updates: dict[tuple[str, str], list[tuple[LoraFile, LoraModule, Target, float]]] = {}
     report = MergeReport(str(target_path), mode="checkpoint")
     for lora, ratio in zip(loras, ratios):
         for name, target in _match(lora, base).items():
-            plan.setdefault(target.key, []).append((lora, lora.modules[name], target, ratio))
+            updates.setdefault((target.file, target.key), []).append((lora, lora.modules[name], target, ratio))
         report.loras.append({"file": str(lora.path), "ratio": ratio, "modules": len(lora.modules)})
-    handle = base.handle("checkpoint")
+    if base.layout == "single-file":
+        outputs = [Output(key, (("checkpoint", key),)) for key in base.handle("checkpoint").keys()]
+        metadata = dict(base.handle("checkpoint").metadata() or {})
+    else:
+        outputs = single_file_layout(base, base.unet_config)
+        metadata = {}
     entries = []
-    for key in handle.keys():
-        piece = handle.get_slice(key)
-        stored = _torch_dtype(piece.get_dtype())
-        out_dtype = dtype if dtype is not None and stored.is_floating_point else stored
-        entries.append((key, out_dtype, tuple(piece.get_shape())))
+    for output in outputs:
+        pieces = [base.handle(file).get_slice(key) for file, key in output.sources]
+        stored = _torch_dtype(pieces[0].get_dtype())
+        shape = _output_shape(output, [tuple(p.get_shape()) for p in pieces])
+        entries.append((output.name, dtype if dtype is not None and stored.is_floating_point else stored, shape))
+    by_name = {output.name: output for output in outputs}
     wanted = {name: out_dtype for name, out_dtype, _ in entries}
 
-    def produce(key: str) -> torch.Tensor:
-        tensor = handle.get_tensor(key)
-        updates = plan.get(key)
-        if updates:
-            weight = tensor.to(device=chosen, dtype=torch.float32)
-            for lora, module, target, ratio in updates:
-                delta = _shaped(module_delta(lora, module, chosen), target, lora.where) * ratio
-                if target.rows is None:
-                    weight += delta
-                else:
-                    weight[target.rows[0]:target.rows[1]] += delta
-            tensor = weight.cpu()
-        return tensor.to(wanted[key])
+    def source(file: str, key: str) -> torch.Tensor:
+        tensor = base.handle(file).get_tensor(key)
+        changes = updates.get((file, key))
+        if not changes:
+            return tensor
+        weight = tensor.to(device=chosen, dtype=torch.float32)
+        for lora, module, target, ratio in changes:
+            delta = _shaped(module_delta(lora, module, chosen), target, lora.where) * ratio
+            if target.rows is None:
+                weight += delta
+            else:
+                weight[target.rows[0]:target.rows[1]] += delta
+        return weight.cpu()
 
-    metadata = dict(handle.metadata() or {})
+    def produce(name: str) -> torch.Tensor:
+        output = by_name[name]
+        tensors = [source(file, key) for file, key in output.sources]
+        if output.transform == "cat":
+            if len({t.dtype for t in tensors}) > 1:  # some parts carry a LoRA update (float32)
+                tensors = [t.float() for t in tensors]
+            tensor = torch.cat(tensors)
+        elif output.transform == "conv1x1":
+            tensor = tensors[0][..., None, None]
+        elif output.transform == "transpose":
+            tensor = tensors[0].T.contiguous()
+        else:
+            tensor = tensors[0]
+        return tensor.to(wanted[name])
+
     metadata["loracli_merged_loras"] = json.dumps([{"file": Path(r["file"]).name, "ratio": r["ratio"]}
                                                    for r in report.loras])
     with progress("merge", len(entries)) as advance:
         stream_safetensors(target_path, entries, produce, metadata, on_tensor=advance)
-    report.tensors_changed = len(plan)
+    report.tensors_changed = len(updates)
     return report
+
+
+def _output_shape(output, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    if output.transform == "cat":
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    if output.transform == "conv1x1":
+        return (*shapes[0], 1, 1)
+    if output.transform == "transpose":
+        return tuple(reversed(shapes[0]))
+    return shapes[0]
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -98,7 +97,7 @@ def unet_output(unet, context: int = 32, seed: int = 0, **extra):
 
 
 def text_output(text_encoder):
-    ids = torch.randint(0, 1000, (1, 77), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, min(1000, text_encoder.config.vocab_size), (1, 77), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return text_encoder(ids)[0].float()
 
@@ -234,34 +233,48 @@ def test_resized_file_loads_in_diffusers_and_loses_what_truncation_predicts(tmp_
     assert 0 < (out_resized - out_original).norm() / effect < discarded
 
 
-def test_sdxl_extract_from_diffusers_folders_uses_sai_names(tmp_path):
-    """tiny:sdxl: a known SDXL LoRA (SAI UNet names, lora_te1_/lora_te2_) fused by diffusers into a copy of
-    the model is extracted back, module for module."""
+def test_sdxl_merge_and_extract_folder_and_single_file(tmp_path):
+    """tiny:sdxl: LoRAs with SAI UNet names and lora_te1_/lora_te2_ baked into the diffusers folder (written as a
+    single file), then into that single file (OpenCLIP's fused q/k/v); diffusers' own single-file loader and
+    LoRA loader are the reference. Extracting base folder vs merged file gives the summed LoRAs back."""
     from diffusers import StableDiffusionXLPipeline
 
     folder = ensure_tiny_model("tiny:sdxl")
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
     modules = kohya_modules(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2], ["lora_te1", "lora_te2"], sai=True,
-                            conv=False)
+                            conv=True)
     assert any(n.startswith("lora_unet_input_blocks_4_1_") for n in modules)
-    known_path = write_kohya_lora(tmp_path / "xl.safetensors", modules, rank=4, alpha=2, seed=3, magnitude=0.3)
-    pipe.load_lora_weights(str(known_path))
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    tuned = tmp_path / "tuned"
-    pipe.save_pretrained(tuned)
+    a = write_kohya_lora(tmp_path / "a.safetensors", modules, rank=4, alpha=2, conv_rank=4, seed=3, magnitude=0.3)
+    b = write_kohya_lora(tmp_path / "b.safetensors", modules, rank=2, alpha=2, seed=4, magnitude=0.3)
+    first, second = tmp_path / "xl-a.safetensors", tmp_path / "xl-ab.safetensors"
+    merge_into_checkpoint(folder, [a], [0.7], first)
+    merge_into_checkpoint(first, [b], [0.5], second)
+    merged = StableDiffusionXLPipeline.from_single_file(str(second), config=str(folder), local_files_only=True)
+    g = torch.Generator().manual_seed(0)
+    extra = dict(added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=g),
+                                    "time_ids": torch.randn(1, 6, generator=g)})
+    base = unet_output(pipe.unet, 96, **extra)
+    pipe.load_lora_weights(str(a), adapter_name="a")
+    pipe.load_lora_weights(str(b), adapter_name="b")
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.5])
+    expected = unet_output(pipe.unet, 96, **extra)
+    assert (expected - base).abs().max() > 0.05
+    assert (unet_output(merged.unet, 96, **extra) - expected).abs().max() < 1e-4
+    for ours, reference in ((merged.text_encoder, pipe.text_encoder), (merged.text_encoder_2, pipe.text_encoder_2)):
+        assert (text_output(ours) - text_output(reference)).abs().max() < 1e-4
+
     out = tmp_path / "extracted.safetensors"
-    report = extract(folder, tuned, out, dim=4, clamp_quantile=1.0)
+    report = extract(folder, second, out, dim=6, conv_dim=4, clamp_quantile=1.0)
     assert report.family == "sdxl" and report.text_encoder_kept
-    known, got = load_file(str(known_path)), load_file(str(out))
-    assert set(got) == set(known)
-    for key in known:
+    ta, tb, got = load_file(str(a)), load_file(str(b)), load_file(str(out))
+    assert set(got) == set(ta)
+    for key in ta:
         if key.endswith(".alpha"):
             name = key[: -len(".alpha")]
-            torch.testing.assert_close(effective(got, name), effective(known, name), atol=2e-5, rtol=1e-3)
+            wanted = 0.7 * effective(ta, name) + (0.5 * effective(tb, name) if key in tb else 0)
+            torch.testing.assert_close(effective(got, name), wanted, atol=2e-5, rtol=1e-3)
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
-    # resize works on the SDXL names too
     resized = resize_file(out, tmp_path / "xl2.safetensors", ResizeRequest(dim=2))
     assert {m.new_rank for m in resized.modules} == {2}
 
