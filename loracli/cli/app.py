@@ -83,7 +83,8 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="The TOML config file.", show_default=False)
+ConfigOpt = typer.Option(None, "--config", "-c", help="The TOML config file (default: ./loracli.toml when present).",
+                         show_default=False)
 PresetOpt = typer.Option(None, "--preset", "-p", help="A preset name or file; repeat to compose, left to right.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override one value: section.key=value (TOML value).")
 
@@ -102,9 +103,10 @@ def root(
 
 
 def _resolve(config: Optional[Path], preset: Optional[List[str]], set_: Optional[List[str]]):
+    from loracli.cli.config_cmd import default_config
     from loracli.config.loader import resolve_config
 
-    return resolve_config(config, preset or [], set_ or [])
+    return resolve_config(default_config(config), preset or [], set_ or [])
 
 
 @app.command(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,18 @@ from loracli.config.loader import DEFAULT, ResolvedConfig, _flatten, resolve_con
 from loracli.errors import ConfigError, Problem
 from loracli.lint import Finding, lint_config, lint_network_weights, pickle_checkpoint_finding
 from loracli.model_probe import ModelNotFound, ModelProbe, probe_model, resolve_family
+
+
+DEFAULT_CONFIG = Path("loracli.toml")
+
+
+def default_config(config: Path | None) -> Path | None:
+    """No --config: use ./loracli.toml when there is one (what `loracli init` writes), and say so on
+    stderr (stdout may be JSON or TOML that a script reads)."""
+    if config is None and DEFAULT_CONFIG.is_file():
+        sys.stderr.write(f"using ./{DEFAULT_CONFIG} (no --config given)\n")
+        return DEFAULT_CONFIG
+    return config
 
 
 def _raise(findings: list[Finding]) -> None:
@@ -49,7 +62,7 @@ def resolved_toml(resolved: ResolvedConfig) -> str:
 
 
 def show(config: Path | None, presets: list[str], overrides: list[str], explain: bool) -> None:
-    resolved = resolve_config(config, presets, overrides)
+    resolved = resolve_config(default_config(config), presets, overrides)
     if not explain:
         print(resolved_toml(resolved), end="")
         return

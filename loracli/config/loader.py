@@ -198,6 +198,11 @@ def _problem_from_error(err: dict[str, Any], origins: dict[str, str], layers: li
         section = loc[0] if len(loc) > 1 else None
         return Problem(where, "unknown key", hint=_did_you_mean(section, loc[-1]), origin=origin)
     if kind == "missing":
+        if len(loc) == 1 and loc[0] in SECTIONS:  # a whole section is absent: name the key it needs
+            required = [k for k, f in SECTIONS[loc[0]].model_fields.items() if f.is_required()]
+            if required:
+                return Problem(f"{where}.{required[0]}", "required but not set",
+                               hint=f"add `{required[0]} = ...` under [{loc[0]}]")
         return Problem(where, "required but not set", hint=f"add `{loc[-1]} = ...` under [{loc[0]}]")
     message = err["msg"].removeprefix("Value error, ")
     return Problem(where, f"{message} (got {err.get('input')!r})", origin=origin)
