@@ -45,6 +45,7 @@ class Job:
     error: str | None = None
     backend: str = "loracli"  # or "sd-scripts" (then sd_scripts_dir is the checkout)
     sd_scripts_dir: str | None = None
+    config_hash: str = ""  # of the config as planned; a finished job whose config changed is told, not hidden
 
     @property
     def key(self) -> str:
@@ -109,7 +110,8 @@ def plan_jobs(configs: list[Path], presets: list[str], log, backend: str = "lora
         job = Job(str(config.absolute()), list(presets), backend=backend, sd_scripts_dir=checkout)
         try:
             job.config = str(config.resolve())
-            job.total_steps = build_plan(resolve_config(config, presets, [])).total_steps
+            planned = build_plan(resolve_config(config, presets, []))
+            job.total_steps, job.config_hash = planned.total_steps, planned.config_hash
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 -- recorded with its reason, never swallowed
@@ -202,7 +204,8 @@ def _eta(jobs: list[Job], done_steps: int, seconds: float) -> str:
 
 def run_queue(configs: list[Path], presets: list[str], queue_file: Path, retries: int,
               notify_command: str | None, webhook: str | None, log, backend: str = "loracli",
-              sd_scripts_dir: Path | None = None) -> list[Job]:
+              sd_scripts_dir: Path | None = None, force: bool = False) -> list[Job]:
+    """force: train finished jobs again, each in a new run folder (the old one is kept)."""
     if backend == "sd-scripts":
         from loracli.sdscripts.backend import find_checkout
 
@@ -218,10 +221,19 @@ def run_queue(configs: list[Path], presets: list[str], queue_file: Path, retries
         previous = state.jobs.get(job.key, {})
         job.run_dir, job.attempts = previous.get("run_dir"), 0
         status = _run_status(job.run_dir)
+        if status.get("state") == "finished" and force:
+            log(f"again (--force): {job.config}; its finished run stays in {job.run_dir}")
+            job.run_dir, status = None, {}
         if status.get("state") == "finished":
             job.status, job.steps = "finished", status.get("step", 0)
+            job.total_steps = status.get("total_steps", job.total_steps)  # what that run did, not the new plan
             job.output, job.seconds = previous.get("output"), previous.get("seconds", 0.0)
-            log(f"skip (finished): {job.config}")
+            before = previous.get("config_hash") or ""
+            if before and job.config_hash and before != job.config_hash:
+                log(f"skip (finished): {job.config}; its config changed since that run finished (config hash "
+                    f"{before} -> {job.config_hash}): `loracli queue run --force` trains it again")
+            else:
+                log(f"skip (finished): {job.config}")
             continue
         resume = bool(job.run_dir) and status.get("state") in ("interrupted", "running", "failed") and \
             any((Path(job.run_dir) / "state").glob("step-*/COMPLETE"))

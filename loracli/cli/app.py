@@ -289,12 +289,14 @@ def queue_run(
                                           help="loracli or sd-scripts (default: LORACLI_BACKEND or loracli)."),
     sd_scripts_dir: Optional[Path] = typer.Option(None, "--sd-scripts-dir", envvar="LORACLI_SD_SCRIPTS_DIR",
                                                   help="The sd-scripts checkout for --backend sd-scripts."),
+    force: bool = typer.Option(False, "--force",
+                               help="Train finished jobs again, each in a new run folder (old ones are kept)."),
 ) -> None:
     """Plan every job, then train them in turn; finished jobs are skipped, interrupted ones resumed."""
     from loracli.cli.queue_cmd import queue_run as run
 
     code = run(configs, preset or [], queue_file, retries, notify_command, webhook, as_json,
-               backend=backend, sd_scripts_dir=sd_scripts_dir)
+               backend=backend, sd_scripts_dir=sd_scripts_dir, force=force)
     raise typer.Exit(code)
 
 

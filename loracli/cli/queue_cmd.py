@@ -42,7 +42,7 @@ def print_summary(jobs: list[Job], console: Console) -> None:
 
 def queue_run(configs: list[Path], presets: list[str], queue_file: Path, retries: int,
               notify_command: str | None, webhook: str | None, as_json: bool, backend: str | None = None,
-              sd_scripts_dir: Path | None = None) -> int:
+              sd_scripts_dir: Path | None = None, force: bool = False) -> int:
     """backend/sd_scripts_dir default to LORACLI_BACKEND / LORACLI_SD_SCRIPTS_DIR (as `loracli train`)."""
     backend = backend or os.environ.get("LORACLI_BACKEND") or "loracli"
     if sd_scripts_dir is None and os.environ.get("LORACLI_SD_SCRIPTS_DIR"):
@@ -51,7 +51,8 @@ def queue_run(configs: list[Path], presets: list[str], queue_file: Path, retries
         raise ConfigError(Problem(f"--backend {backend}", "unknown backend", "use loracli or sd-scripts"))
     console = Console(stderr=as_json, highlight=False, width=max(Console().width, 120))
     log = lambda line: console.print(line, markup=False)  # noqa: E731
-    jobs = run_queue(configs, presets, queue_file, retries, notify_command, webhook, log, backend, sd_scripts_dir)
+    jobs = run_queue(configs, presets, queue_file, retries, notify_command, webhook, log, backend, sd_scripts_dir,
+                     force=force)
     if as_json:
         print(json.dumps([asdict(j) for j in jobs], indent=2))
     else:

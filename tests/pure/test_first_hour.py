@@ -26,3 +26,55 @@ def test_plan_without_config_or_loracli_toml_names_the_model_key(tmp_path, monke
     assert "add `pretrained_model_name_or_path = ...` under [model]" in result.stderr
     assert "add `model = ...`" not in result.stderr
     assert "add `train_data_dir = ...` under [dataset]" in result.stderr
+
+
+def _fake_training(tmp_path: Path, monkeypatch) -> list[str]:
+    """Replace the training child process by one that writes a finished run folder."""
+    import loracli.queue as queue_module
+
+    started: list[str] = []
+
+    def fake_run_job(job, resume, log):
+        run_dir = tmp_path / "runs" / f"run-{len(started)}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "status.json").write_text(json.dumps(
+            {"state": "finished", "step": job.total_steps, "total_steps": job.total_steps}))
+        job.run_dir = str(run_dir)
+        started.append(job.config)
+        return 0, None
+
+    monkeypatch.setattr(queue_module, "_run_job", fake_run_job)
+    return started
+
+
+def test_queue_tells_a_changed_config_and_force_trains_a_finished_job_again(tmp_path, make_image, monkeypatch):
+    from loracli.queue import run_queue
+
+    make_dataset(tmp_path, make_image)
+    config = tmp_path / "job.toml"
+    config.write_text(EXAMPLE_DATASET_TOML)
+    started = _fake_training(tmp_path, monkeypatch)
+    lines: list[str] = []
+    queue_file = tmp_path / "q.json"
+
+    def run(force=False):
+        lines.clear()
+        return run_queue([config], [], queue_file, 0, None, None, lines.append, force=force)
+
+    finished_steps = run()[0].total_steps
+    assert len(started) == 1
+    run()  # unchanged: a plain skip
+    assert len(started) == 1 and lines == [f"skip (finished): {config}"]
+
+    config.write_text(EXAMPLE_DATASET_TOML.replace("max_train_epochs = 4", "max_train_epochs = 2"))
+    jobs = run()
+    assert len(started) == 1
+    assert "config changed since that run finished" in lines[0] and "--force" in lines[0]
+    # the finished run's numbers, not its steps over the new plan's (24/12)
+    assert (jobs[0].steps, jobs[0].total_steps) == (finished_steps, finished_steps)
+
+    jobs = run(force=True)
+    assert len(started) == 2 and jobs[0].status == "finished"
+    assert jobs[0].run_dir.endswith("run-1") and (tmp_path / "runs" / "run-0").is_dir()
+    run()  # the rerun recorded the new hash: a plain skip again
+    assert lines == [f"skip (finished): {config}"]
