@@ -169,6 +169,14 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
         out.append(Finding("error", "E12", "network.network_train_unet_only",
                            "network_train_unet_only and network_train_text_encoder_only are both true",
                            "set at most one of them"))
+    # E18: sd-scripts' networks.lora has none of LyCORIS' switches; accepted, they would change nothing.
+    if net.algo == "lora":
+        for key in ("use_tucker", "use_scalar", "train_norm", "rank_dropout_scale"):
+            if getattr(net, key):
+                out.append(Finding("error", "E18", f"network.{key}",
+                                   'is a LyCORIS option; plain LoRA (algo = "lora", sd-scripts\' networks.lora) '
+                                   "has no such setting", 'remove it, or use algo = "locon" (LyCORIS)',
+                                   "sd-scripts networks/lora.py"))
     pickle = pickle_checkpoint_finding(config)
     if pickle:
         out.append(pickle)

@@ -435,3 +435,17 @@ def test_corrupt_network_weights_is_exit_3(tmp_path, make_image):
     broken.write_bytes(b"\x00" * 4)
     result = plan_with_weights(tmp_path, make_image, broken)
     assert result.exit_code == 3 and "old.safetensors" in result.stderr and "Traceback" not in result.output
+
+
+def test_lycoris_switches_on_plain_lora_are_refused_at_plan_time():
+    from loracli.config.schema import LoracliConfig
+    from loracli.family import SD1
+    from loracli.lint import lint_config
+
+    base = {"model": {"pretrained_model_name_or_path": "tiny:sd15"}, "dataset": {"train_data_dir": "data"}}
+    for key in ("use_tucker", "use_scalar", "train_norm", "rank_dropout_scale"):
+        lora = LoracliConfig.model_validate({**base, "network": {"algo": "lora", key: True}})
+        found = [f for f in lint_config(lora, SD1, {}) if f.code == "E18"]
+        assert [f.key for f in found] == [f"network.{key}"] and found[0].level == "error"
+        locon = LoracliConfig.model_validate({**base, "network": {"algo": "locon", key: True}})
+        assert not [f for f in lint_config(locon, SD1, {}) if f.code == "E18"]
