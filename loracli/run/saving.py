@@ -97,11 +97,33 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mappi
         except safetensors.SafetensorError as exc:
             raise as_os_error(exc, path) from None
         _fsync_file(tmp)
+        _chmod_as_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         _discard(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _chmod_as_umask(path: Path) -> None:
+    """safetensors creates its files 0600; a LoRA file gets the mode any new file would (0644 under
+    umask 022), so a web UI or container running as another user can read it."""
+    if os.name == "nt":
+        return
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux), else set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def as_os_error(exc: Exception, path: Path) -> Exception:

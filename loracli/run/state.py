@@ -68,6 +68,7 @@ def save_state(accelerator, run_dir: Path, state: TrainState, keep_last: int, es
     if main:
         (tmp / "train_state.json").write_text(json.dumps(asdict(state)))
         (tmp / MARKER).write_text("ok\n")  # written last: its presence means the state is whole
+        _modes_as_umask(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -75,6 +76,16 @@ def save_state(accelerator, run_dir: Path, state: TrainState, keep_last: int, es
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return target
+
+
+def _modes_as_umask(folder: Path) -> None:
+    """accelerate writes the network as safetensors (0600); every state file gets the usual mode."""
+    from loracli.run.saving import current_umask
+
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
 
 
 def load_latest_state(accelerator, run_dir: Path) -> TrainState | None:
