@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, TypeVar
 import typer
 
 from loracli import __version__
+from loracli.cli.helptext import install as _install_help_layout
 from loracli.errors import (
     CONTEXT,
     EXIT_INTERNAL,
@@ -27,6 +28,7 @@ from loracli.errors import (
 )
 
 F = TypeVar("F", bound=Callable)
+_install_help_layout()  # examples that paste at 80 columns, plain placeholders
 
 app = typer.Typer(
     name="loracli",
@@ -85,8 +87,8 @@ def guarded(fn: F) -> F:
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="The TOML config file (default: ./loracli.toml when present).",
                          show_default=False)
-PresetOpt = typer.Option(None, "--preset", "-p", help="A preset name or file; repeat to compose, left to right.")
-SetOpt = typer.Option(None, "--set", "-s", help="Override one value: section.key=value (TOML value).")
+PresetOpt = typer.Option(None, "--preset", "-p", metavar="<name>", help="A preset name or file; repeat to compose, left to right.")
+SetOpt = typer.Option(None, "--set", "-s", metavar="<key=value>", help="Override one value: section.key=value (TOML value).")
 
 
 def version_callback(value: bool) -> None:

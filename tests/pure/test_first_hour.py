@@ -78,3 +78,43 @@ def test_queue_tells_a_changed_config_and_force_trains_a_finished_job_again(tmp_
     assert jobs[0].run_dir.endswith("run-1") and (tmp_path / "runs" / "run-0").is_dir()
     run()  # the rerun recorded the new hash: a plain skip again
     assert lines == [f"skip (finished): {config}"]
+
+
+def _all_commands():
+    import typer.main
+
+    from loracli.cli.app import app
+
+    def walk(command, path):
+        if getattr(command, "commands", None):
+            for name, sub in command.commands.items():
+                yield from walk(sub, path + [name])
+        yield path, command
+
+    yield from walk(typer.main.get_command(app), [])
+
+
+def test_help_examples_paste_at_80_columns_and_placeholders_read_plainly(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    checked = 0
+    for path, command in _all_commands():
+        result = run_cli(*path, "--help")
+        assert result.exit_code == 0, (path, result.output)
+        text = result.output
+        assert "<list[" not in text and " range>" not in text, (path, text)
+        assert max(len(line) for line in text.splitlines()) <= 80, (path, text)
+        if not (command.epilog or "").startswith("Examples:"):
+            continue
+        # each example, its continuation lines joined, is the command as written in the source
+        shown, current = [], ""
+        for line in text.split("Examples:", 1)[1].splitlines():
+            if not line.strip():
+                continue
+            current += (" " if current else "") + line.strip().removesuffix("\\").strip()
+            if not line.endswith("\\"):
+                shown.append(current)
+                current = ""
+        written = [" ".join(p.split()) for p in command.epilog.split("Examples:", 1)[1].split("\n\n") if p.strip()]
+        assert shown == written, path
+        checked += 1
+    assert checked >= 20
