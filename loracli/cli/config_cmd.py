@@ -66,19 +66,47 @@ def show(config: Path | None, presets: list[str], overrides: list[str], explain:
     if not explain:
         print(resolved_toml(resolved), end="")
         return
-    data = resolved.config.model_dump(mode="json", exclude_none=True)
-    for section, table in data.items():
-        print(f"[{section}]")
-        for key, value in _flatten(table).items():
+    print(explained_toml(resolved), end="")
+
+
+def explained_toml(resolved: ResolvedConfig) -> str:
+    """Every option of every section, in schema order, with its value and where it came from; an
+    option with no value is a commented line marked unset, so the list is complete and still TOML."""
+    from loracli.config.schema import SECTIONS
+
+    data = resolved.config.model_dump(mode="json")
+    out: list[str] = []
+    for section, model in SECTIONS.items():
+        out.append(f"[{section}]")
+        for key, field in model.model_fields.items():
+            value = data[section][key]
             dotted = f"{section}.{key}"
-            origin = resolved.origins.get(dotted) or resolved.origins.get(f"{section}.{key.split('.')[0]}", DEFAULT)
-            print(f"{toml_line(key, value):<60} # {origin}")
-        print()
+            if isinstance(value, dict) and value:  # optimizer_args: one line per argument
+                for sub, sub_value in _flatten(value, f"{key}.").items():
+                    out.append(f"{toml_line(sub, sub_value):<60} # {resolved.origin(f'{section}.{sub}')}")
+                continue
+            origin = resolved.origin(dotted)
+            if value is None:
+                meaning = f"unset ({field.description})" if field.description else "unset"
+                out.append(f"{'# ' + key + ' =':<60} # {meaning}")
+            else:
+                out.append(f"{toml_line(key, value):<60} # {origin}")
+        out.append("")
+    return "\n".join(out) + "\n"
 
 
 def toml_line(key: str, value: Any) -> str:
     # Dotted keys (optimizer_args.decouple) are valid TOML, so each leaf is one line.
-    return f"{key} = " + tomli_w.dumps({"x": value}).strip().removeprefix("x = ")
+    return f"{key} = {toml_value(value)}"
+
+
+def toml_value(value: Any) -> str:
+    """A value as one line of TOML (tomli_w spreads arrays over several lines)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return tomli_w.dumps({"x": value}).strip().removeprefix("x = ")
 
 
 STARTER = '''# loracli config. Values use sd-scripts' option names; see `loracli config show --explain`.

@@ -118,3 +118,21 @@ def test_help_examples_paste_at_80_columns_and_placeholders_read_plainly(monkeyp
         assert shown == written, path
         checked += 1
     assert checked >= 20
+
+
+def test_config_show_explain_lists_every_option_unset_ones_too(tmp_path):
+    import tomllib
+
+    from loracli.config.schema import SECTIONS
+
+    config = tmp_path / "c.toml"
+    config.write_text(EXAMPLE_DATASET_TOML)
+    result = run_cli("config", "show", "--config", config, "--preset", "prodigy", "--explain")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for section, model in SECTIONS.items():
+        for key in model.model_fields:
+            assert any(line.startswith((f"{key} =", f"{key}.", f"# {key} =")) for line in lines), (section, key)
+    assert any(line.startswith("# clip_skip =") and "unset" in line for line in lines)
+    assert any(line.startswith("optimizer_args.betas = [0.9, 0.999]") and "preset prodigy" in line for line in lines)
+    assert tomllib.loads(result.stdout)["training"]["max_train_epochs"] == 4  # still TOML
