@@ -44,6 +44,8 @@ EXPORT_DIR = "sd-scripts"
 PYTHON_ENV = "LORACLI_SD_SCRIPTS_PYTHON"
 # "AssertionError: ...", "torch.OutOfMemoryError: ...", "ValueError" at a line start: an exception line.
 EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)\b(?::|$)")
+# A line a library prints before failing ("Error: cannot read preset file. ...").
+ERROR_SAID = re.compile(r"^(?:Error|ERROR)\b[:\s]")
 # What accelerate's launcher adds after the child fails.
 LAUNCHER_LINES = ("CalledProcessError", "accelerate/commands/", "accelerate\\commands\\", "simple_launcher(",
                   "launch_command(", "sys.exit(main())", "raise subprocess", "Traceback (most recent call last)")
@@ -179,11 +181,19 @@ class OutputWatch:
 
     def error_line(self) -> str:
         """The child's own last exception line, not accelerate's CalledProcessError after it; else the last line
-        that is not the launcher's."""
+        that is not the launcher's. A bare exception (`AssertionError`) gets the failing source line and an
+        `Error: ...` line printed before its traceback, which is where such failures say what went wrong."""
         own = [line for line in self.tail if not any(mark in line for mark in LAUNCHER_LINES)]
-        for line in reversed(own):
-            if EXCEPTION_LINE.match(line):
+        for i in range(len(own) - 1, -1, -1):
+            line = own[i]
+            if not EXCEPTION_LINE.match(line):
+                continue
+            if ":" in line:
                 return line
+            context = [c for c in own[max(0, i - 30):i] if c.strip("^~ ") and not c.startswith("File ")]
+            detail = f"{line} (at: {context[-1]})" if context else line
+            said = [c for c in context if ERROR_SAID.match(c)]
+            return f"{detail}; before it: {said[-1]}" if said else detail
         return own[-1] if own else (self.tail[-1] if self.tail else "no output")
 
 

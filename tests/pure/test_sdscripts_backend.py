@@ -51,6 +51,18 @@ if mode == "launcher-error":  # the child's traceback, then accelerate's launche
     print("    raise subprocess.CalledProcessError(returncode=process.returncode, cmd=cmd)")
     print("subprocess.CalledProcessError: Command '['python', 'train_network.py']' returned non-zero exit status 1.")
     sys.exit(1)
+if mode == "bare-assert":  # what lycoris_lora does with a preset file it cannot read
+    print("import network module: lycoris.kohya")
+    print("Error: cannot read preset file.  [Errno 2] No such file or directory: '/x/missing.toml'")
+    print("Traceback (most recent call last):")
+    print('  File "/venv/lib/python3.10/site-packages/lycoris/kohya.py", line 109, in create_network')
+    print("    assert preset is not None")
+    print("           ^^^^^^^^^^^^^^^^^^")
+    print("AssertionError")
+    print("Traceback (most recent call last):")
+    print('  File "/venv/lib/python3.10/site-packages/accelerate/commands/launch.py", line 999, in simple_launcher')
+    print("subprocess.CalledProcessError: Command '['python', 'train_network.py']' returned non-zero exit status 1.")
+    sys.exit(1)
 if mode == "oom":
     print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
     sys.exit(1)
@@ -157,6 +169,8 @@ def test_output_dir_is_the_run_folder(checkout, tmp_path, direct_launch):
     ("fail", 4, "train_network.py exited with status 7: RuntimeError: something broke", "status 7"),
     ("launcher-error", 4, "train_network.py exited with status 1: AssertionError: duplicated lora name: "
                           "lora_unet_time_embedding_linear_1", "AssertionError: duplicated lora name"),
+    ("bare-assert", 4, "train_network.py exited with status 1: AssertionError (at: assert preset is not None); "
+                       "before it: Error: cannot read preset file.", "cannot read preset file"),
     ("no-data", 3, "No data found", ""),  # sd-scripts exits 0 here
     ("no-file", 4, "did not write tiny-example.safetensors", "did not write"),  # exit 0 but no LoRA
 ])
