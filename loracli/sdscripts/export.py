@@ -8,7 +8,9 @@ option table (`options.load_option_table(script)`): the SDXL-only caching option
 TOML (for `--config_file`), the dataset TOML (for `--dataset_config`), the
 `accelerate launch` options, and every warning and unsupported option.
 `write_export` writes config.toml, dataset.toml, train.sh and README-export.txt
-atomically. The sd-scripts backend (`backend.py`) uses the same two calls.
+atomically, and for LyCORIS networks lycoris_preset.toml (loracli's target
+table; network_args' `preset=` names it by absolute path). The sd-scripts
+backend (`backend.py`) uses the same two calls.
 """
 
 from __future__ import annotations
