@@ -81,6 +81,19 @@ def svd(delta: torch.Tensor, device: str | torch.device) -> tuple[torch.Tensor, 
     return torch.linalg.svd(flatten(delta).to(device=device, dtype=torch.float32), full_matrices=False)
 
 
+def product_svd(up: torch.Tensor, down: torch.Tensor, device: str | torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of up·down (up: out×r, down: r×in, any trailing dims flattened) without forming it:
+    QR of each factor, then the SVD of an r×r core. Exact (the product has rank ≤ r) and
+    O((out+in)·r²) instead of O(out·in·min(out, in)): seconds instead of minutes for an SDXL LoRA."""
+    up = up.reshape(up.shape[0], -1).to(device=device, dtype=torch.float64)
+    down = down.reshape(down.shape[0], -1).to(device=device, dtype=torch.float64)
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u_core, s, vh_core = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    return (q_up @ u_core).float(), s.float(), (vh_core @ q_down.T).float()
+
+
 def factorise(delta: torch.Tensor, rank: int, device: str | torch.device, clamp_quantile: float | None = None,
               decomposition: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Factors:
     """up·down = the best rank-`rank` approximation of `delta` (singular values folded into up,

@@ -17,7 +17,7 @@ import torch
 
 from loracli.errors import ConfigError, Problem
 from loracli.lora_tools.loras import LoraFile, lora_scale, module_delta, open_lora
-from loracli.lora_tools.lowrank import METHODS, choose_rank, factorise, svd
+from loracli.lora_tools.lowrank import METHODS, choose_rank, factorise, product_svd, svd
 from loracli.lora_tools.output import check_output, progress, resolve_device, save_dtype
 
 
@@ -128,8 +128,15 @@ def resize_file(source: Path, target: Path, request: ResizeRequest, force: bool 
             old_rank = lora.rank(module)
             conv = _is_conv3(lora, name)
             scale = lora_scale(lora.alpha(module), old_rank)
-            product = module_delta(lora, module, device) / scale  # up·down, as sd-scripts decomposes it
-            u, s, vh = svd(product, device)
+            down_key, up_key = module.keys["lora_down.weight"], module.keys["lora_up.weight"]
+            # up·down, as sd-scripts decomposes it (its shape: the module weight's)
+            shape = (lora.shapes[up_key][0], *lora.shapes[down_key][1:])
+            product = torch.empty(shape, device="meta")
+            if "lora_mid.weight" in module.keys:  # Tucker LoCon: form the product, then a full SVD
+                product = module_delta(lora, module, device) / scale
+                u, s, vh = svd(product, device)
+            else:
+                u, s, vh = product_svd(lora.tensor(up_key), lora.tensor(down_key), device)
             cap = min(old_rank, (conv_rank if conv else max_rank) or old_rank)
             rank = choose_rank(s, cap, request.method, request.param)
             factors = factorise(product, rank, device, decomposition=(u, s, vh))

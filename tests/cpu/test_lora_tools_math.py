@@ -19,6 +19,15 @@ from loracli.lora_tools.merge import merge_loras
 from loracli.lora_tools.resize import ResizeRequest, resize_file
 from loracli.run.saving import sshs_hashes
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small SVDs: on a busy 2-core CI machine, LAPACK's threads cost 10-100x more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # kohya module name -> (out, in[, k, k]) of the base weight: SD1-style names, two Linears and a 3x3 conv
 SHAPES = {
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (96, 80),

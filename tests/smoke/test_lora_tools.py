@@ -25,6 +25,15 @@ from loracli.run.checkpoint import load_single_file
 from loracli.run.tiny_model import ensure_tiny_model
 from tests.smoke.ldm_checkpoint import build_tiny_modules, write_checkpoint
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small SVDs: on a busy 2-core CI machine, LAPACK's threads cost 10-100x more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 UNET_BLOCKS = ("Transformer2DModel",)
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
