@@ -8,8 +8,10 @@ from rich.console import Console
 from rich.table import Table
 
 from loracli.config.loader import ResolvedConfig
+from loracli.config.schema import LoracliConfig
 from loracli.errors import ConfigError, Problem
 from loracli.family import FAMILIES
+from loracli.lint import adafactor_uses_relative_step, effective_te_lrs, is_adaptive
 from loracli.plan import Plan
 
 
@@ -24,6 +26,7 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
         console.print(f"  found in the {plan.model_source}", markup=False)
     console.print(f"network: {cfg.network.algo} dim {cfg.network.dim} alpha {cfg.network.alpha:g}  "
                   f"optimizer: {cfg.optimizer.optimizer_type}, {cfg.optimizer.lr_scheduler}", markup=False)
+    console.print(f"learning rate: {lr_line(cfg, plan.model_family)}", markup=False)
 
     per_subset: dict[tuple[str, bool], list] = defaultdict(list)
     for image in plan.images:
@@ -75,6 +78,33 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
         if w["source"]:
             line += f" (source: {w['source']})"
         console.print(line, style="yellow", markup=False)
+
+
+def lr_line(cfg: LoracliConfig, model_family: str) -> str:
+    """The learning rate of each part the run trains, as the optimizer will see it."""
+    opt, net = cfg.optimizer, cfg.network
+    if adafactor_uses_relative_step(opt.optimizer_type, opt.optimizer_args):
+        return "set by Adafactor itself (relative_step), as in sd-scripts"
+    parts = []
+    if net.network_train_text_encoder_only:
+        parts.append("unet not trained")
+    else:
+        parts.append(f"unet {opt.learning_rate if opt.unet_lr is None else opt.unet_lr:g}")
+    family = FAMILIES.get(model_family)
+    encoders = len(family.text_encoder_prefixes) if family else 1
+    te_lrs = effective_te_lrs(cfg, encoders)
+    if net.network_train_unet_only:
+        parts.append("text encoder not trained")
+    elif not any(te_lrs):
+        parts.append("text encoder frozen (lr 0)")
+    elif encoders == 1:
+        parts.append(f"text encoder {te_lrs[0]:g}")
+    else:
+        parts.append(", ".join(f"text encoder {i + 1} {lr:g}" for i, lr in enumerate(te_lrs)))
+    line = ", ".join(parts)
+    if is_adaptive(opt.optimizer_type):
+        line += f" (× d: {opt.optimizer_type} adapts d·lr, the real step size, as it trains)"
+    return line
 
 
 def model_line(plan: Plan) -> str:

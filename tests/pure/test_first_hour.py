@@ -136,3 +136,29 @@ def test_config_show_explain_lists_every_option_unset_ones_too(tmp_path):
     assert any(line.startswith("# clip_skip =") and "unset" in line for line in lines)
     assert any(line.startswith("optimizer_args.betas = [0.9, 0.999]") and "preset prodigy" in line for line in lines)
     assert tomllib.loads(result.stdout)["training"]["max_train_epochs"] == 4  # still TOML
+
+
+def test_plan_shows_the_learning_rates_and_says_when_d_adapts(tmp_path, make_image):
+    make_dataset(tmp_path, make_image)
+    config = tmp_path / "c.toml"
+    config.write_text(EXAMPLE_DATASET_TOML)
+    result = run_cli("plan", "--config", config, "--preset", "adamw8bit")
+    assert result.exit_code == 0, result.output
+    assert "learning rate: unet 0.0001, text encoder 5e-05" in result.stdout  # the preset's unet_lr / te lr
+    result = run_cli("plan", "--config", config, "--preset", "prodigy", "--set", "optimizer.text_encoder_lr=0.5")
+    flat = " ".join(result.stdout.split())
+    assert "learning rate: unet 1, text encoder 0.5 (× d: Prodigy adapts d·lr" in flat
+
+
+def test_lr_line_for_two_text_encoders_and_frozen_parts():
+    from loracli.cli.plan_view import lr_line
+    from loracli.config.schema import LoracliConfig
+
+    def cfg(**optimizer):
+        return LoracliConfig.model_validate({"model": {"pretrained_model_name_or_path": "tiny:sdxl"},
+                                             "dataset": {"train_data_dir": "d"}, "optimizer": optimizer})
+
+    assert lr_line(cfg(learning_rate=1e-4, text_encoder_lr=[1e-5, 2e-5]), "sdxl") == \
+        "unet 0.0001, text encoder 1 1e-05, text encoder 2 2e-05"
+    assert lr_line(cfg(learning_rate=1e-4, text_encoder_lr=0.0), "sd1") == "unet 0.0001, text encoder frozen (lr 0)"
+    assert "Adafactor" in lr_line(cfg(optimizer_type="AdaFactor"), "sd1")
