@@ -11,11 +11,25 @@ Cross-section rules (those that need several values or the dataset) live in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Union, get_args
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 Resolution = Union[int, tuple[int, int]]
+
+
+def _kinds(annotation: object) -> set[str]:
+    """The plain types a field accepts: int | None -> {"int", "NoneType"}; a Literal is "literal"."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return {"literal"}
+    if origin in (Union, UnionType):
+        return set().union(*(_kinds(arg) for arg in get_args(annotation)))
+    if origin is not None:
+        return {getattr(origin, "__name__", str(origin))}
+    return {getattr(annotation, "__name__", str(annotation))}
+
 OptimizerArg = Union[bool, int, float, str, list[Union[bool, int, float, str]]]
 
 Scheduler = Literal[
@@ -40,6 +54,25 @@ MAX_SEED = 2**32 - 1  # sd-scripts seeds numpy, whose seeds must fit 32 bits
 class Section(BaseModel):
     # allow_inf_nan=False: NaN and inf are refused in every float at plan time, not found after the model loads
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _typed_as_written(cls, value: object, info: ValidationInfo) -> object:
+        """TOML has numbers and booleans: train_batch_size = "4" or flip_aug = 1 is a slip that pydantic
+        would quietly convert; refuse it, naming the type (--set values are read as TOML too)."""
+        kinds = _kinds(cls.model_fields[info.field_name].annotation)
+        wanted = [k for k in ("int", "float", "bool") if k in kinds]
+        if not wanted or "str" in kinds or "literal" in kinds:
+            return value
+        numeric = [k for k in wanted if k != "bool"]
+        if isinstance(value, str):
+            what = "a number" if numeric else "true or false"
+            raise ValueError(f"must be {what}, not a quoted string; write it without quotes")
+        if isinstance(value, bool) and "bool" not in kinds:
+            raise ValueError("must be a number, not true/false")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not numeric:
+            raise ValueError("must be true or false")
+        return value
 
 
 class ModelSection(Section):

@@ -162,3 +162,20 @@ def test_lr_line_for_two_text_encoders_and_frozen_parts():
         "unet 0.0001, text encoder 1 1e-05, text encoder 2 2e-05"
     assert lr_line(cfg(learning_rate=1e-4, text_encoder_lr=0.0), "sd1") == "unet 0.0001, text encoder frozen (lr 0)"
     assert "Adafactor" in lr_line(cfg(optimizer_type="AdaFactor"), "sd1")
+
+
+def test_quoted_numbers_and_booleans_are_refused_while_set_values_parse_as_toml(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(EXAMPLE_DATASET_TOML + 'train_batch_size = "4"\n[network]\nnetwork_alpha = "8"\n')
+    result = run_cli("config", "validate", config)
+    assert result.exit_code == 2
+    assert "training.train_batch_size: must be a number, not a quoted string" in result.stderr
+    assert "network.network_alpha: must be a number" in result.stderr
+    config.write_text(EXAMPLE_DATASET_TOML.replace("enable_bucket = true", "enable_bucket = 1"))
+    result = run_cli("config", "validate", config)
+    assert "dataset.enable_bucket: must be true or false" in result.stderr
+    config.write_text(EXAMPLE_DATASET_TOML)
+    result = run_cli("config", "show", "--config", config, "--set", "training.train_batch_size=4",
+                     "--set", "dataset.flip_aug=true")
+    assert result.exit_code == 0, result.output
+    assert "train_batch_size = 4" in result.stdout and "flip_aug = true" in result.stdout
