@@ -128,7 +128,7 @@ def _resolve_paths(values: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         table = out.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str):
             p = Path(table[key]).expanduser()
-            table[key] = str(p if p.is_absolute() else (base_dir / p))
+            table[key] = os.path.normpath(p if p.is_absolute() else (base_dir / p))  # no jobs/../runs
     return out
 
 
@@ -230,7 +230,7 @@ def resolve_config(
     for item in overrides:
         key, value = parse_set(item)
         if key in PATH_KEYS and isinstance(value, str):
-            value = str(Path(value).expanduser().absolute())
+            value = os.path.normpath(Path(value).expanduser().absolute())
         set_values = _merge(set_values, nest(key, value))
     if set_values:
         layers.append(Layer("--set", set_values))
@@ -272,7 +272,7 @@ def _absolute_paths(config: LoracliConfig) -> LoracliConfig:
         section, key = dotted.split(".")
         value = getattr(getattr(config, section), key)
         if value is not None and not value.is_absolute():
-            updates.setdefault(section, {})[key] = value.absolute()
+            updates.setdefault(section, {})[key] = Path(os.path.normpath(value.absolute()))
     for section, values in updates.items():
         config = config.model_copy(update={section: getattr(config, section).model_copy(update=values)})
     return config

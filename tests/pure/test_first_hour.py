@@ -179,3 +179,16 @@ def test_quoted_numbers_and_booleans_are_refused_while_set_values_parse_as_toml(
                      "--set", "dataset.flip_aug=true")
     assert result.exit_code == 0, result.output
     assert "train_batch_size = 4" in result.stdout and "flip_aug = true" in result.stdout
+
+
+def test_paths_are_printed_normalised(tmp_path, monkeypatch):
+    (tmp_path / "jobs").mkdir()
+    config = tmp_path / "jobs" / "j.toml"
+    config.write_text(EXAMPLE_DATASET_TOML.replace('"data"', '"../data"') + '[output]\noutput_dir = "../runs-queue"\n')
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("config", "show", "--config", "jobs/j.toml", "--set", 'logging.logging_dir="jobs/../tb"')
+    assert result.exit_code == 0, result.output
+    assert ".." not in result.stdout
+    assert f'output_dir = "{tmp_path / "runs-queue"}"' in result.stdout
+    assert f'train_data_dir = "{tmp_path / "data"}"' in result.stdout
+    assert f'logging_dir = "{tmp_path / "tb"}"' in result.stdout
