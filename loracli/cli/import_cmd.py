@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-FileArg = typer.Argument(..., help="sd-scripts config TOML, kohya_ss GUI JSON, or a .sh/.ps1/.bat training script.",
-                         show_default=False)
+FileArg = typer.Argument(..., help="sd-scripts config TOML, kohya_ss GUI JSON, or a .sh/.ps1/.bat training script "
+                         "(train_network.py or, for SDXL, sdxl_train_network.py).", show_default=False)
 DatasetConfigOpt = typer.Option(None, "--dataset-config", "-d", show_default=False,
                                 help="The sd-scripts dataset TOML (--dataset_config) that goes with FILE.")
 OutputOpt = typer.Option(None, "--output", "-o", show_default=False,
@@ -58,7 +58,8 @@ def register(app: typer.Typer) -> None:
         epilog="Examples:\n\n  loracli import sd-config.toml --dataset-config dataset.toml -o my-lora.toml\n\n"
         "  loracli import kohya_ss_lora.json -o my-lora.toml\n\n"
         "  loracli import train.sh > my-lora.toml\n\n"
-        "  loracli import train_locon.ps1 -o my-lora.toml --force",
+        "  loracli import train_locon.ps1 -o my-lora.toml --force\n\n"
+        "  loracli import pony_sdxl.sh -o pony.toml && loracli plan --config pony.toml",
     )
     @guarded
     def import_cmd(
@@ -70,6 +71,8 @@ def register(app: typer.Typer) -> None:
         """Convert an sd-scripts or kohya_ss config (or a training script) into a loracli config.
 
         Every input key is imported or listed as not imported, with the reason, on the
-        terminal and as comments at the top of the new file.
+        terminal and as comments at the top of the new file (`loracli plan` repeats the
+        list). SDXL inputs (sdxl_train_network.py, "sdxl": true) set model.sdxl = true.
+        Scripts are read, never run: values that need a command are reported.
         """
         run_import(file, dataset_config, output, force)
