@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
         source: Path = typer.Argument(..., help="The LoRA/LoCon file (kohya format: sd-scripts, kohya_ss, loracli)."),
         target: Path = typer.Argument(..., help="The resized .safetensors file to write."),
         dim: Optional[int] = typer.Option(None, "--dim", help="New rank; with --method, the largest rank allowed."),
-        conv_dim: Optional[int] = typer.Option(None, "--conv-dim", help="New rank of 3x3 conv modules (default: --dim)."),
+        conv_dim: Optional[int] = typer.Option(None, "--conv-dim",
+                                               help="New rank of 3x3 conv modules (default: --dim)."),
         method: Optional[str] = typer.Option(None, "--method",
                                              help="Rank per module: sv_fro, sv_ratio or sv_cumulative (sd-scripts' "
                                              "--dynamic_method)."),
@@ -58,7 +59,7 @@ def register(app: typer.Typer) -> None:
         verbose: bool = typer.Option(False, "--verbose", "-v", help="One line per module: rank, alpha, share kept."),
         as_json: bool = typer.Option(False, "--json", help="Print the per-module report as JSON."),
     ) -> None:
-        """Lower a LoRA's rank by SVD (sd-scripts' resize_lora.py): fixed, or per module by sv_fro/sv_ratio/sv_cumulative."""
+        """Lower a LoRA's rank by SVD (sd-scripts' resize_lora.py): fixed, or per module (sv_fro/sv_ratio/...)."""
         from loracli.lora_tools.resize import ResizeRequest, resize_file
 
         request = ResizeRequest(dim=dim, conv_dim=conv_dim, method=method, param=param,
@@ -71,7 +72,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command(
         "merge",
-        epilog="Examples:\n\n  loracli merge a.safetensors --model sd15.safetensors --ratio 0.8 -o sd15-a.safetensors\n\n"
+        epilog="Examples:\n\n"
+        "  loracli merge a.safetensors --model sd15.safetensors --ratio 0.8 -o sd15-a.safetensors\n\n"
         "  loracli merge a.safetensors b.safetensors --ratio 1 --ratio 0.5 -o ab.safetensors\n\n"
         "  loracli merge a.safetensors b.safetensors --dim 32 -o ab-d32.safetensors",
     )
@@ -114,7 +116,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command(
         "extract",
-        epilog="Examples:\n\n  loracli extract sd15.safetensors my-finetune.safetensors my-lora.safetensors --dim 32\n\n"
+        epilog="Examples:\n\n"
+        "  loracli extract sd15.safetensors my-finetune.safetensors my-lora.safetensors --dim 32\n\n"
         "  loracli extract base.safetensors tuned.safetensors locon.safetensors --dim 32 --conv-dim 16 --device cuda",
     )
     @guarded

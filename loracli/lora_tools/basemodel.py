@@ -34,7 +34,8 @@ SDXL_TE2 = "conditioner.embedders.1.model."
 FIXED_UNET = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
               "time_embedding.linear_2": "time_embed.2", "conv_out": "out.2",
               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-_CLIP_LAYER = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.weight$")
+_CLIP_LAYER = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\."
+                         r"(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.weight$")
 _OPEN_CLIP_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|"
                               r"mlp\.c_fc\.weight|mlp\.c_proj\.weight)$")
 _OPEN_CLIP_NAMES = {"attn.out_proj.weight": "self_attn_out_proj", "mlp.c_fc.weight": "mlp_fc1",

@@ -61,8 +61,8 @@ def _match(lora: LoraFile, base: BaseModel) -> dict[str, Target]:
         shape = _delta_shape(lora, module)
         flat_in = math.prod(target.shape[1:])
         if shape is not None and (shape[0] != target.shape[0] or shape[1] not in (target.shape[1], flat_in)):
-            raise ConfigError(Problem(lora.where, f"module {name} is {shape[0]}×{shape[1]} but the base model's weight "
-                                      f"is {'×'.join(map(str, target.shape))}",
+            raise ConfigError(Problem(lora.where, f"module {name} is {shape[0]}×{shape[1]} but the base model's "
+                                      f"weight is {'×'.join(map(str, target.shape))}",
                                       "the LoRA was made for another model (SD1.x vs SD2.x?)"))
         matched[name] = target
     return matched
@@ -70,8 +70,9 @@ def _match(lora: LoraFile, base: BaseModel) -> dict[str, Target]:
 
 def _shaped(delta: torch.Tensor, target: Target, where: str) -> torch.Tensor:
     if delta.numel() != math.prod(target.shape):
-        raise ConfigError(Problem(where, f"module {target.kohya} gives a {'×'.join(map(str, delta.shape))} update for a "
-                                  f"{'×'.join(map(str, target.shape))} weight", "the LoRA was made for another model"))
+        raise ConfigError(Problem(where, f"module {target.kohya} gives a {'×'.join(map(str, delta.shape))} update "
+                                  f"for a {'×'.join(map(str, target.shape))} weight",
+                                  "the LoRA was made for another model"))
     return delta.reshape(target.shape)
 
 

@@ -46,7 +46,8 @@ def write_lora(path, rank=32, alpha=16.0, conv_rank=8, conv_alpha=4.0, seed=0, m
         r, a = (conv_rank, conv_alpha) if conv3 else (rank, alpha)
         kernel = shape[2:] if len(shape) == 4 else ()
         # decaying singular spectrum, so truncation keeps a measurable share
-        down = torch.randn(r, shape[1], *kernel, generator=g) * torch.linspace(1, 0.1, r).view(r, *[1] * (1 + len(kernel)))
+        decay = torch.linspace(1, 0.1, r).view(r, *[1] * (1 + len(kernel)))
+        down = torch.randn(r, shape[1], *kernel, generator=g) * decay
         up = torch.randn(shape[0], r, *([1, 1] if kernel else []), generator=g) * 0.1
         tensors[f"{name}.lora_down.weight"] = down.to(dtype)
         tensors[f"{name}.lora_up.weight"] = up.to(dtype)

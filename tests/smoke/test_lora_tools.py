@@ -87,7 +87,8 @@ def write_kohya_lora(path, modules, rank, alpha, conv_rank=None, seed=0, magnitu
 
 def effective(tensors, name):
     down, up = tensors[f"{name}.lora_down.weight"].double(), tensors[f"{name}.lora_up.weight"].double()
-    return float(tensors[f"{name}.alpha"]) / down.shape[0] * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1))
+    product = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+    return float(tensors[f"{name}.alpha"]) / down.shape[0] * product
 
 
 def sd1_pipeline(model):
@@ -106,7 +107,8 @@ def unet_output(unet, context: int = 32, seed: int = 0, **extra):
 
 
 def text_output(text_encoder):
-    ids = torch.randint(0, min(1000, text_encoder.config.vocab_size), (1, 77), generator=torch.Generator().manual_seed(1))
+    vocab = min(1000, text_encoder.config.vocab_size)
+    ids = torch.randint(0, vocab, (1, 77), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return text_encoder(ids)[0].float()
 
@@ -145,6 +147,25 @@ def test_merged_checkpoint_matches_the_lora_applied_by_diffusers(sd1):
     te_effect = (text_output(reference.text_encoder) - text_output(load_single_file(sd1["base"]).text_encoder))
     te_error = text_output(merged_model.text_encoder) - text_output(reference.text_encoder)
     assert te_error.abs().max() < 0.01 * te_effect.abs().max() + 2e-3
+
+
+def test_sd2_merge_updates_the_fused_open_clip_weights(tmp_path):
+    """SD2: OpenCLIP text encoder (q/k/v fused in in_proj, one layer more in the file than in the model)."""
+    unet, vae, text = build_tiny_modules(True)
+    base = write_checkpoint(tmp_path / "sd2.safetensors", v2=True, half=False, modules=(unet, vae, text))
+    reference = sd1_pipeline(load_single_file(base, v2=True))
+    modules = kohya_modules(reference.unet, [reference.text_encoder], ["lora_te"], sai=False, conv=False)
+    lora = write_kohya_lora(tmp_path / "sd2-lora.safetensors", modules, rank=4, alpha=2, seed=6, magnitude=0.3)
+    out = tmp_path / "merged.safetensors"
+    merge_into_checkpoint(base, [lora], [-0.6], out)
+    merged = load_single_file(out, v2=True)
+    reference.load_lora_weights(str(lora), adapter_name="sd2")
+    reference.set_adapters(["sd2"], adapter_weights=[-0.6])
+    assert (unet_output(merged.unet, 64) - unet_output(reference.unet, 64)).abs().max() < 1e-4
+    te_before = text_output(load_single_file(base, v2=True).text_encoder)
+    te_expected = text_output(reference.text_encoder)
+    assert (te_expected - te_before).abs().max() > 0.05
+    assert (text_output(merged.text_encoder) - te_expected).abs().max() < 1e-4
 
 
 def test_lycoris_files_bake_in_at_their_ratio(sd1, tmp_path):
