@@ -82,7 +82,8 @@ def register(app: typer.Typer) -> None:
         loras: List[Path] = typer.Argument(..., help="LoRA/LyCORIS files (kohya format)."),
         out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write."),
         model: Optional[Path] = typer.Option(None, "--model", help="Bake the LoRAs into this base model (a "
-                                             "single-file .safetensors checkpoint); the output is a checkpoint."),
+                                             "single-file .safetensors checkpoint, or an SD1/SDXL diffusers "
+                                             "folder); the output is a single-file checkpoint."),
         ratio: Optional[List[float]] = typer.Option(None, "--ratio", "-r", help="Strength of each LoRA, in order "
                                                     "(repeat; default 1.0 each)."),
         dim: Optional[int] = typer.Option(None, "--dim", help="LoRAs into one LoRA by SVD at this rank (LoHa/LoKr "
