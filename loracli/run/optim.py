@@ -7,7 +7,9 @@ adaptive optimizers, Adafactor hints) are lint findings at plan time, not repeat
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 from collections.abc import Mapping
 
 import torch
@@ -144,7 +146,9 @@ def build_optimizer(
     if lr is not None or canonical == "AdaFactor":
         call_kwargs["lr"] = lr
     try:
-        optimizer = cls(groups, **call_kwargs)
+        # dadaptation and prodigyopt print "Using decoupled weight decay" on stdout: noise in a run's output
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimizer = cls(groups, **call_kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(Problem("optimizer.optimizer_args", f"{cls.__name__} rejected its arguments: {exc}",
                                   "check the names and values in optimizer_args")) from exc

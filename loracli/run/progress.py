@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+import warnings
 from datetime import datetime, timedelta
 
 from rich.console import Console
@@ -73,3 +76,17 @@ class TrainingProgress:
             elapsed = time.perf_counter() - self.started
             self.log(f"epoch {epoch}/{epochs} step {step}/{total} loss {self.smoothed or 0:.4f} "
                      f"({elapsed:.1f}s)")
+
+
+def quiet_third_party() -> None:
+    """Keep the terminal for the run's own lines: the libraries' FutureWarnings/DeprecationWarnings
+    (diffusers' deprecations, with site-packages paths) and transformers' advisory notices (torchvision
+    missing, ...) say nothing a user can act on. A user's own -W/PYTHONWARNINGS still wins."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if sys.warnoptions:
+        return
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")

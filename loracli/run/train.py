@@ -47,7 +47,7 @@ from loracli.run.network import (
     to_kohya_state_dict,
 )
 from loracli.run.optim import adafactor_uses_relative_step, build_optimizer, build_scheduler, current_lrs
-from loracli.run.progress import TrainingProgress
+from loracli.run.progress import TrainingProgress, quiet_third_party
 from loracli.run.sampling import SampleMaker
 from loracli.run.saving import atomic_save_safetensors, cast_for_save
 from loracli.run.state import TrainState, load_latest_state, loader_rng_state, save_state
@@ -139,6 +139,7 @@ class StopFlag:
 
 def train(run_dir: Path, resume: bool = False) -> Path:
     """Train the run described by run_dir (continuing from its last state with resume); returns the final file."""
+    quiet_third_party()
     config, plan = read_run(run_dir)
     status = StatusFile(run_dir, plan.total_steps)
     stop = StopFlag()
