@@ -26,9 +26,11 @@ def _print_resize(report, verbose: bool) -> None:
         for m in report.modules:
             print(f"{m.name:{width}}  rank {m.old_rank:>3} -> {m.new_rank:<3}  alpha {m.new_alpha:<8g}  "
                   f"fro retained {m.fro_retained:.1%}")
-    worst = min(report.modules, key=lambda m: m.fro_retained)
+    kept = [m for m in report.modules if m.new_rank] or report.modules
+    worst = min(kept, key=lambda m: m.fro_retained)
     print(f"{report.output}: {len(report.modules)} modules, ranks {rank_summary(report)} (was {report.old_dim}); "
-          f"Frobenius norm retained: mean {report.mean_fro:.1%}, lowest {worst.fro_retained:.1%} ({worst.name})")
+          f"Frobenius norm retained: mean {report.mean_fro:.1%}, lowest kept {worst.fro_retained:.1%} "
+          f"({worst.name})")
 
 
 def register(app: typer.Typer) -> None:
@@ -38,7 +40,9 @@ def register(app: typer.Typer) -> None:
         "resize",
         epilog="Examples:\n\n  loracli resize my-lora.safetensors my-lora-d8.safetensors --dim 8\n\n"
         "  loracli resize my-lora.safetensors small.safetensors --method sv_fro --param 0.9 --save-precision fp16\n\n"
-        "  loracli resize locon.safetensors out.safetensors --dim 16 --conv-dim 8 --verbose",
+        "  loracli resize locon.safetensors out.safetensors --dim 16 --conv-dim 8 --verbose\n\n"
+        "  loracli resize my-lora.safetensors small.safetensors --method fro_ckpt --param -3.55 "
+        "--base sdxl.safetensors",
     )
     @guarded
     def resize(
@@ -49,10 +53,13 @@ def register(app: typer.Typer) -> None:
                                                help="New rank of 3x3 conv modules (default: --dim)."),
         method: Optional[str] = typer.Option(None, "--method",
                                              help="Rank per module: sv_fro, sv_ratio or sv_cumulative (sd-scripts' "
-                                             "--dynamic_method)."),
+                                             "--dynamic_method), or fro_ckpt (with --base)."),
         param: Optional[float] = typer.Option(None, "--param", help="The method's target (sd-scripts' "
                                               "--dynamic_param): a share for sv_fro/sv_cumulative, a ratio for "
                                               "sv_ratio."),
+        base: Optional[Path] = typer.Option(None, "--base", help="With --method fro_ckpt: the checkpoint the LoRA "
+                                            "is used with; keeps singular values above 10^P x the base weight's "
+                                            "Frobenius norm (modules with none are dropped)."),
         save_precision: Optional[str] = typer.Option(None, "--save-precision", help=PRECISION_HELP),
         device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
         force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -63,7 +70,7 @@ def register(app: typer.Typer) -> None:
         from loracli.lora_tools.resize import ResizeRequest, resize_file
 
         request = ResizeRequest(dim=dim, conv_dim=conv_dim, method=method, param=param,
-                                save_precision=save_precision, device=device)
+                                save_precision=save_precision, device=device, base=base)
         report = resize_file(source, target, request, force=force)
         if as_json:
             print(report.to_json())

@@ -47,7 +47,7 @@ def _delta_shape(lora: LoraFile, module: LoraModule) -> tuple[int, int] | None:
     return None
 
 
-def _match(lora: LoraFile, base: BaseModel) -> dict[str, Target]:
+def matched_targets(lora: LoraFile, base: BaseModel) -> dict[str, Target]:
     """Each LoRA module's target in the base model; every module must have one of the right size."""
     check_family(lora.is_sdxl, lora.where, base)
     missing = [name for name in lora.modules if name not in base.targets]
@@ -103,7 +103,7 @@ def merge_into_checkpoint(base_path: Path, lora_paths: list[Path], ratios: list[
     updates: dict[tuple[str, str], list[tuple[LoraFile, LoraModule, Target, float]]] = {}
     report = MergeReport(str(target_path), mode="checkpoint")
     for lora, ratio in zip(loras, ratios):
-        for name, target in _match(lora, base).items():
+        for name, target in matched_targets(lora, base).items():
             updates.setdefault((target.file, target.key), []).append((lora, lora.modules[name], target, ratio))
         report.loras.append({"file": str(lora.path), "ratio": ratio, "modules": len(lora.modules)})
     if base.layout == "single-file":

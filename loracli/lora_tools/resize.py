@@ -59,6 +59,12 @@ class ResizeRequest:
     param: float | None = None
     save_precision: str | None = None
     device: str | None = None
+    base: Path | None = None  # the checkpoint fro_ckpt measures against
+
+
+# Checkpoint-aware: keep the singular values of scale·up·down above 10^P × ||W_base||_F (the
+# "fro_ckpt" score of the resize_lora tool the "LoRA Training Guide" recipe uses; P = -3.55 there).
+BASE_METHODS = ("fro_ckpt",)
 
 
 def _is_conv3(lora: LoraFile, name: str) -> bool:
@@ -67,7 +73,17 @@ def _is_conv3(lora: LoraFile, name: str) -> bool:
 
 
 def validate_request(request: ResizeRequest) -> None:
-    if request.method is None:
+    if request.base is not None and request.method not in BASE_METHODS:
+        raise ConfigError(Problem("--base", "--base is read by --method fro_ckpt only",
+                                  "add --method fro_ckpt --param -3.5 (a log10 threshold), or drop --base"))
+    if request.method in BASE_METHODS:
+        if request.base is None:
+            raise ConfigError(Problem("--method", f"{request.method} measures each module against the base model",
+                                      "add --base MODEL (the checkpoint the LoRA is used with)"))
+        if request.param is None:
+            raise ConfigError(Problem("--param", f"--method {request.method} needs --param (a log10 threshold)",
+                                      "e.g. --param -3.55, the \"LoRA Training Guide\" recipe"))
+    elif request.method is None:
         if request.param is not None:
             raise ConfigError(Problem("--param", "--param needs --method", f"add --method ({' | '.join(METHODS)})"))
         if request.dim is None:
@@ -75,7 +91,8 @@ def validate_request(request: ResizeRequest) -> None:
                                       "e.g. --dim 8, or --method sv_fro --param 0.9"))
     else:
         if request.method not in METHODS:
-            raise ConfigError(Problem("--method", f"unknown method {request.method!r}", f"use {', '.join(METHODS)}"))
+            raise ConfigError(Problem("--method", f"unknown method {request.method!r}",
+                                      f"use {', '.join(METHODS + BASE_METHODS)}"))
         if request.param is None:
             raise ConfigError(Problem("--param", f"--method {request.method} needs --param",
                                       "e.g. --param 0.9 for sv_fro/sv_cumulative, --param 8 for sv_ratio"))
@@ -116,6 +133,7 @@ def resize_file(source: Path, target: Path, request: ResizeRequest, force: bool 
                                   " modules cannot be resized (their weights are not an up·down product)",
                                   "`loracli merge --dim N` turns a LyCORIS file into a LoRA of rank N by SVD"))
     _check_ranks(lora, request)
+    base = _open_base(request.base, lora) if request.base is not None else None
     dtype = save_dtype(request.save_precision) or torch.float32  # sd-scripts saves float unless told
     device = resolve_device(request.device)
     max_rank = request.dim  # None with a dynamic method: each module's own rank is the cap
@@ -138,7 +156,14 @@ def resize_file(source: Path, target: Path, request: ResizeRequest, force: bool 
             else:
                 u, s, vh = product_svd(lora.tensor(up_key), lora.tensor(down_key), device)
             cap = min(old_rank, (conv_rank if conv else max_rank) or old_rank)
-            rank = choose_rank(s, cap, request.method, request.param)
+            if base is not None:
+                rank = min(cap, rank_against_base(s * scale, base.read(base.targets[name]), request.param))
+                if rank == 0:  # nothing of the module is large enough next to its base weight: dropped
+                    report.modules.append(ModuleResize(name, conv, old_rank, 0, 0.0, 0.0))
+                    advance()
+                    continue
+            else:
+                rank = choose_rank(s, cap, request.method, request.param)
             factors = factorise(product, rank, device, decomposition=(u, s, vh))
             new_alpha = float(scale * rank)
             tensors[module.keys["lora_down.weight"]] = factors.down.to(dtype)
@@ -148,11 +173,29 @@ def resize_file(source: Path, target: Path, request: ResizeRequest, force: bool 
             if on_module:
                 on_module(report.modules[-1])
             advance()
+    if not tensors:
+        raise ConfigError(Problem("--param", f"no module of {source} has a singular value above 10^{request.param:g} "
+                                  "of its base weight's norm", "lower --param (e.g. by 0.5) to keep more"))
     metadata = resized_metadata(lora.metadata, report, request)
     model_hash, legacy_hash = sshs_hashes(tensors, metadata)
     metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
     atomic_save_safetensors(tensors, metadata, target)
     return report
+
+
+def _open_base(path: Path, lora: LoraFile):
+    from loracli.lora_tools.merge import matched_targets
+    from loracli.lora_tools.basemodel import open_base_model
+
+    base = open_base_model(path, "--base")
+    matched_targets(lora, base)  # same family, every module present, same sizes
+    return base
+
+
+def rank_against_base(effective_s: torch.Tensor, base_weight: torch.Tensor, threshold: float) -> int:
+    """How many singular values of the module's ΔW exceed 10^threshold × ||W_base||_F."""
+    norm = float(torch.linalg.vector_norm(base_weight.float()))
+    return int((effective_s > (10.0 ** threshold) * norm).sum())
 
 
 def _uniform(values: list) -> object | None:
@@ -164,10 +207,11 @@ def resized_metadata(source: dict[str, str], report: ResizeReport, request: Resi
     (here) conv_dim/conv_alpha in ss_network_args when the file records them."""
     meta = {k: v for k, v in source.items() if not k.startswith("sshs_")}
     comment = meta.get("ss_training_comment", "")
-    linear = [m for m in report.modules if not m.conv]
-    conv = [m for m in report.modules if m.conv]
+    linear = [m for m in report.modules if not m.conv and m.new_rank]
+    conv = [m for m in report.modules if m.conv and m.new_rank]
     if request.method:
-        meta["ss_training_comment"] = (f"Dynamic resize with {request.method}: {request.param:g} from "
+        against = f" against {Path(request.base).name}" if request.base is not None else ""
+        meta["ss_training_comment"] = (f"Dynamic resize with {request.method}: {request.param:g}{against} from "
                                        f"{report.old_dim}; {comment}")
     else:
         conv_rank = request.conv_dim if request.conv_dim is not None else request.dim
@@ -195,4 +239,4 @@ def resized_metadata(source: dict[str, str], report: ResizeReport, request: Resi
 
 def rank_summary(report: ResizeReport) -> str:
     counts = Counter(m.new_rank for m in report.modules)
-    return ", ".join(f"{n}×{rank}" for rank, n in sorted(counts.items(), reverse=True))
+    return ", ".join(f"{n}×{rank}" if rank else f"{n} dropped" for rank, n in sorted(counts.items(), reverse=True))

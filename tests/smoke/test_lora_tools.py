@@ -168,6 +168,30 @@ def test_sd2_merge_updates_the_fused_open_clip_weights(tmp_path):
     assert (text_output(merged.text_encoder) - te_expected).abs().max() < 1e-4
 
 
+def test_resize_against_the_base_model_fro_ckpt(sd1, tmp_path):
+    """--base/--method fro_ckpt: keep the singular values of scale·up·down above 10^P × ||W_base||_F."""
+    known = load_file(str(sd1["locon"]))
+    names = [k[: -len(".alpha")] for k in known if k.endswith(".alpha")]
+    scores = {n: torch.log10(torch.linalg.svdvals(effective(known, n)) /
+                             float(torch.linalg.vector_norm(sd1["modules"][n].weight.double()))) for n in names}
+    threshold = float(torch.tensor([float(v.max()) for v in scores.values()]).median())  # drops about half
+    out = tmp_path / "fro.safetensors"
+    request = ResizeRequest(method="fro_ckpt", param=threshold, base=sd1["base32"])
+    report = resize_file(sd1["locon"], out, request)
+    got = load_file(str(out))
+    chosen = {m.name: m.new_rank for m in report.modules}
+    for name in names:
+        expected = min(int((scores[name] > threshold).sum()), known[f"{name}.lora_down.weight"].shape[0])
+        assert chosen[name] == expected, name
+        if expected:
+            assert got[f"{name}.lora_down.weight"].shape[0] == expected
+        else:
+            assert f"{name}.lora_down.weight" not in got  # dropped
+    assert 0 < sum(1 for r in chosen.values() if r == 0) < len(names)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "Dynamic"
+
+
 def test_lycoris_files_bake_in_at_their_ratio(sd1, tmp_path):
     from lycoris.modules.lokr import LokrModule
     from lycoris.modules.loha import LohaModule
