@@ -118,9 +118,9 @@ def disk_of(path: str | os.PathLike[str] | None) -> str:
     return f"{mount} ({free / 2**20:.0f} MiB free)"
 
 
-def _exit_class(data: bool) -> type[LoracliError]:
+def _exit_class() -> type[LoracliError]:
     """File errors are input errors (3) until a run trains, then run-time errors (4)."""
-    return TrainingError if CONTEXT.training else (DatasetError if data else ConfigError)
+    return TrainingError if CONTEXT.training else DatasetError
 
 
 def from_exception(exc: BaseException) -> LoracliError | None:
@@ -139,7 +139,7 @@ def from_exception(exc: BaseException) -> LoracliError | None:
         message, hint = _OS_MESSAGES.get(exc.errno, (exc.strerror or name, "check the path"))
         if exc.filename2:
             where = f"{where} -> {exc.filename2}"
-        return _exit_class(data=True)(Problem(str(where), message, hint))
+        return _exit_class()(Problem(str(where), message, hint))
     if isinstance(exc, UnicodeDecodeError):
         return DatasetError(Problem("loracli", f"a file is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} "
                                                f"at offset {exc.start})", "re-save it as UTF-8"))
@@ -162,7 +162,7 @@ def from_exception(exc: BaseException) -> LoracliError | None:
     if isinstance(exc, RecursionError):
         return DatasetError(Problem("loracli", "input nested too deeply to read", "simplify the file"))
     if isinstance(exc, MemoryError):
-        return _exit_class(data=True)(Problem("loracli", "out of memory (RAM)",
+        return _exit_class()(Problem("loracli", "out of memory (RAM)",
                                               "close other programs, or lower the batch size or resolution"))
     return None
 

@@ -172,13 +172,15 @@ def check_config(config: LoracliConfig, model_path: str = "", model_kind: str = 
     check_optimizer(config)
     check_clip_skip(config, model_path, model_kind)
     check_output_dir(config.output.output_dir)
+    if config.logging.logging_dir is not None:
+        check_output_dir(config.logging.logging_dir, "logging.logging_dir")
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """The output folder is a folder (or can be made) and can be written to."""
-    where = f"output.output_dir: {output_dir}"
+def check_output_dir(output_dir: Path, key: str = "output.output_dir") -> None:
+    """A folder loracli writes into is a folder (or can be made) and can be written to."""
+    where = f"{key}: {output_dir}"
     if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(Problem(where, "is a file, not a folder", "choose a folder for the run folders"))
+        raise ConfigError(Problem(where, "is a file, not a folder", "choose a folder"))
     existing = output_dir
     while not existing.exists():
         if existing.parent == existing:

@@ -150,6 +150,9 @@ CONFIG_CASES = [
          ("output.output_dir", "is a file")),
     Case("--output-dir is a file", lambda root: (root / "out").write_text("x") and
          ["train", "--config", project(root), "--output-dir", root / "out"], 2, ("output.output_dir",)),
+    Case("logging_dir is a file", lambda root: (root / "logs").write_text("x") and
+         ["train", "--config", project(root, "[logging]\nlogging_dir = 'logs'\n")], 2,
+         ("logging.logging_dir", "is a file")),
     Case("output_dir not writable", lambda root: _readonly(root / "ro") and
          ["train", "--config", project(root, "[output]\noutput_dir = 'ro/runs'\n")], 2,
          ("output.output_dir", "not writable"), skip=NOT_ROOT if IS_ROOT else ""),
