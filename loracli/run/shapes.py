@@ -1,7 +1,8 @@
-"""Full-size SD1.5 shapes with random weights: for counts, benchmarks and VRAM figures.
+"""Full-size SD1.5 and SDXL shapes with random weights: for counts, benchmarks and VRAM figures.
 
 No download: the architecture comes from the published configuration values
-(UNet of SD1.5, CLIP ViT-L/14 text encoder, the SD VAE).
+(UNets of SD1.5 and SDXL base, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text
+encoders, the SD VAE).
 """
 
 from __future__ import annotations
@@ -25,6 +26,24 @@ def clip_l_text_config() -> dict:
     }
 
 
+def sdxl_unet_config() -> dict:
+    return {
+        "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+        "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048, "use_linear_projection": True,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,  # pooled 1280 + 6 size numbers x 256
+    }
+
+
+def bigg_text_config() -> dict:
+    """OpenCLIP ViT-bigG/14's text tower as transformers' CLIPTextModelWithProjection (SDXL's second encoder)."""
+    return {**clip_l_text_config(), "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+            "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu", "pad_token_id": 0}
+
+
 def sd_vae_config() -> dict:
     return {
         "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
@@ -43,3 +62,14 @@ def build_sd15_shapes(with_vae: bool = False):
     text_encoder = CLIPTextModel(CLIPTextConfig(**clip_l_text_config()))
     vae = AutoencoderKL(**sd_vae_config()) if with_vae else None
     return unet, text_encoder, vae
+
+
+def build_sdxl_shapes():
+    """(unet, [text_encoder, text_encoder_2]) with SDXL base's shapes and random weights (~10 GB in fp32)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(**sdxl_unet_config())
+    text_encoders = [CLIPTextModel(CLIPTextConfig(**clip_l_text_config())),
+                     CLIPTextModelWithProjection(CLIPTextConfig(**bigg_text_config()))]
+    return unet, text_encoders
