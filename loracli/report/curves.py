@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loracli.final_loss import describe, final_loss, final_loss_steps
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
 LR_PNG = "lr.png"
@@ -173,6 +175,11 @@ def _plot_loss(records: list[dict[str, Any]], title: str, path: Path) -> None:
     ax.plot(steps, losses, color="tab:blue", alpha=0.6 if few else 0.35 if len(steps) < 2000 else 0.2, linewidth=0.8,
             marker="o" if few else None, markersize=4, label="loss per step")
     ax.plot(steps, ema(losses, span), color="tab:blue", linewidth=2.0, label=f"EMA (span {span} steps)")
+    tail = steps[-final_loss_steps(len(steps)):]
+    final = final_loss(losses)
+    ax.plot([tail[0], tail[-1]] if len(tail) > 1 else tail, [final] * min(2, len(tail)), color="tab:red",
+            linewidth=2.5, marker="o" if len(tail) == 1 else None,
+            label=f"final loss {final:.4f}\n({describe(len(losses))})")
     ax.set_xlabel("step", fontsize=11)
     ax.set_ylabel("loss", fontsize=11)
     ax.set_title(f"{title}: loss", fontsize=12)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from loracli.errors import ConfigError, DatasetError, Problem
+from loracli.final_loss import describe, final_loss, final_loss_steps
 from loracli.report.curves import read_metrics, write_curves
 
 RUN_MARKERS = ("status.json", "plan.json")
-LAST_N = 10  # final loss is also given as the mean of this many last steps
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -74,10 +74,12 @@ def _saved_files(run_dir: Path) -> list[dict[str, Any]]:
 def _loss_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
     if not records:
         return {"final_loss": None, "final_loss_mean": None, "min_loss": None, "min_loss_step": None}
-    tail = [r["loss"] for r in records[-LAST_N:]]
+    losses = [r["loss"] for r in records]
     best = min(records, key=lambda r: r["loss"])
-    return {"final_loss": records[-1]["loss"], "final_loss_mean": sum(tail) / len(tail),
-            "final_loss_mean_of": len(tail), "min_loss": best["loss"], "min_loss_step": best["step"]}
+    final = final_loss(losses)  # the one definition: the bar, the run's summary and loss.png show it too
+    return {"final_loss": final, "final_loss_mean": final, "final_loss_mean_of": final_loss_steps(len(losses)),
+            "last_step_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
+            "min_loss": best["loss"], "min_loss_step": best["step"]}
 
 
 def summarize_run(run_dir: Path, curves: bool = True) -> dict[str, Any]:
@@ -136,8 +138,8 @@ def render_summary(s: dict[str, Any]) -> str:
         speed = f", {s['it_per_s']:.2f} it/s" if s["it_per_s"] else ""
         lines.append(f"{'time':<12}{_duration(s['wall_seconds'])} from {started}{speed}")
     if s["final_loss"] is not None:
-        lines.append(f"{'final loss':<12}{s['final_loss']:.4f} (mean of the last {s['final_loss_mean_of']} steps "
-                     f"{s['final_loss_mean']:.4f})")
+        lines.append(f"{'final loss':<12}{s['final_loss']:.4f} ({describe(s['final_loss_mean_of'])}; last step "
+                     f"{s['last_step_loss']:.4f}, mean of the run {s['mean_loss']:.4f})")
         lines.append(f"{'min loss':<12}{s['min_loss']:.4f} at step {s['min_loss_step']}")
     else:
         lines.append(f"{'loss':<12}no step logged yet (metrics.jsonl is empty)")

@@ -108,6 +108,7 @@ def build_metadata(
     learning_rate_recorded: float | None,
     network_args: Mapping[str, Any] | None,
     config_hash: str,
+    mixed_precision: str | None = None,
 ) -> dict[str, str]:
     """The ss_* keys every saved file of this run shares (plus loracli provenance).
 
@@ -118,6 +119,8 @@ def build_metadata(
     before and keeps its value).
     network_args: the --network_args strings, None when there were none. As in sd-scripts,
     `dropout` (network_dropout) is added when absent.
+    mixed_precision: the precision the run really uses, when it differs from the config's (fp16 asked
+    on a CPU trains in fp32: "no"); what a file records must be what made it.
     """
     ds, net, opt, tr, out = config.dataset, config.network, config.optimizer, config.training, config.output
     lrs_cleared = learning_rate_recorded is None
@@ -151,7 +154,7 @@ def build_metadata(
         "ss_network_alpha": net.network_alpha,
         "ss_network_dropout": net.network_dropout,
         # precision and base model
-        "ss_mixed_precision": tr.mixed_precision,
+        "ss_mixed_precision": mixed_precision or tr.mixed_precision,
         "ss_v2": bool(config.model.v2),
         "ss_base_model_version": (
             family.base_model_version_v if config.model.v_parameterization else family.base_model_version

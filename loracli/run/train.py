@@ -47,7 +47,7 @@ from loracli.run.network import (
     to_kohya_state_dict,
 )
 from loracli.run.optim import adafactor_uses_relative_step, build_optimizer, build_scheduler, current_lrs
-from loracli.run.progress import TrainingProgress, quiet_third_party
+from loracli.run.progress import TrainingProgress, loading_model_line, quiet_third_party, run_summary
 from loracli.run.sampling import SampleMaker
 from loracli.run.saving import atomic_save_safetensors, cast_for_save
 from loracli.run.state import TrainState, load_latest_state, loader_rng_state, save_state
@@ -197,7 +197,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     tr, ds, net, opt, out = config.training, config.dataset, config.network, config.optimizer, config.output
     family = FAMILIES[plan.model_family]
     main_process = int(os.environ.get("RANK", "0")) == 0
-    progress = TrainingProgress(plan.total_steps, enabled=main_process)
+    progress = TrainingProgress(plan.total_steps, enabled=main_process, optimizer_type=opt.optimizer_type)
     log = progress.log
 
     # --- accelerator: one process in-process, or one of N under accelerate launch
@@ -218,6 +218,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     weight_dtype = DTYPES[mixed_precision]
 
     # --- models: frozen base weights in the training dtype, network in fp32
+    log(loading_model_line(config.model.pretrained_model_name_or_path, family.title, getattr(plan, "model_path", None)))
     sd = load_sd_components(getattr(plan, "model_path", None) or config.model.pretrained_model_name_or_path,
                             config.model.v2, sdxl=family.name == "sdxl",
                             v_parameterization=config.model.v_parameterization,
@@ -294,6 +295,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         lr_scheduler_name=f"adafactor:{opt.learning_rate}" if relative_step else opt.lr_scheduler,
         learning_rate_recorded=None if relative_step else opt.learning_rate,
         network_args=network_args_metadata(config), config_hash=plan.config_hash,
+        mixed_precision=mixed_precision,  # the effective one (fp16 on a CPU falls back to "no")
     )
     saved = _saved_so_far(run_dir, out.output_name)  # for pruning; non-empty when resuming
 
@@ -458,6 +460,10 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         accelerator.end_training()
     final = run_dir / final_file_name(out.output_name)
     log(f"saved {final}")
+    if accelerator.is_main_process:
+        for line in run_summary(run_dir, status.data["started_at"], resumed_at,
+                                tr.train_batch_size * tr.gradient_accumulation_steps * plan.num_processes):
+            log(line)
     return final
 
 

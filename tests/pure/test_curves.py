@@ -128,7 +128,8 @@ def test_report_summary_numbers(tmp_path):
     status = json.loads((run / "status.json").read_text())
     (run / "status.json").write_text(json.dumps({**status, "start_step": 18}))  # resumed at step 18
     assert summarize_run(run, curves=False)["it_per_s"] == pytest.approx(12 / 60)
-    assert s["final_loss"] == losses[-1] and s["final_loss_mean"] == pytest.approx(sum(losses[-10:]) / 10)
+    assert s["final_loss"] == pytest.approx(sum(losses[-10:]) / 10) and s["last_step_loss"] == losses[-1]
+    assert s["mean_loss"] == pytest.approx(sum(losses) / len(losses))
     assert s["min_loss"] == min(losses) and s["min_loss_step"] == losses.index(min(losses)) + 1
     assert {f["name"]: (f["steps"], f["epoch"]) for f in s["files"]} == {
         "smoke-000001.safetensors": (10, 1), "smoke.safetensors": (30, 3)}

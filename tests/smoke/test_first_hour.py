@@ -15,3 +15,62 @@ def test_adaptive_optimizers_print_nothing_when_built(capsys):
         assert optimizer.param_groups[0]["decouple"] is True  # the argument still arrived
     captured = capsys.readouterr()
     assert "decoupled" not in captured.out + captured.err
+
+
+def test_a_run_says_what_it_loads_ends_with_a_summary_and_records_what_it_really_did(smoke_project, monkeypatch):
+    """fp16 asked on a CPU trains in fp32: the files say "no"; LoRA and state files are 0644 under
+    umask 022; the run names the model it loads and ends with time, speed, loss, files and next steps."""
+    import json
+    import os
+    import stat
+    from pathlib import Path
+
+    from loracli.final_loss import final_loss
+    from loracli.safetensors_header import read_header
+    from tests.pure.cli_helpers import run_cli
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("the fp16 fallback happens on a CPU only")
+    old_umask = os.umask(0o022)
+    try:
+        result = run_cli("train", "--config", smoke_project, "--set", "training.max_train_epochs=1",
+                         "--set", 'training.mixed_precision="fp16"', "--set", "output.save_state_every_n_steps=2")
+    finally:
+        os.umask(old_umask)
+    assert result.exit_code == 0, result.output
+    out = result.stdout + result.stderr
+    run_dir = next(Path("runs").iterdir())
+    assert "loading model tiny:sd15 (SD1.x) ..." in out
+    assert out.index("loading model") < out.index("done: ")
+
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = out[out.index("done: "):]
+    assert f"done: {len(losses)} steps in " in summary and "steps/s" in summary and "images/s" in summary
+    assert f"loss: final {final_loss(losses):.4f} (mean of the last {min(10, len(losses))} steps)" in summary
+    assert f"mean {sum(losses) / len(losses):.4f} over {len(losses)} steps" in summary
+    assert f"wrote {run_dir / 'smoke.safetensors'}" in summary and f"wrote {run_dir / 'loss.png'}" in summary
+    assert f"loracli grid {run_dir}" in summary and f"loracli report {run_dir}" in summary
+
+    lora = run_dir / "smoke.safetensors"
+    assert read_header(lora).metadata["ss_mixed_precision"] == "no"
+    assert stat.S_IMODE(lora.stat().st_mode) == 0o644
+    state_files = [p for p in (run_dir / "state").rglob("*") if p.is_file()]
+    assert len(state_files) > 4 and {stat.S_IMODE(p.stat().st_mode) for p in state_files} == {0o644}
+
+    report = run_cli("report", run_dir)
+    assert f"final loss  {final_loss(losses):.4f} (mean of the last" in report.stdout
+    inspect = run_cli("inspect", lora)
+    assert "precision       no" in inspect.stdout or "precision       fp32" in inspect.stdout, inspect.stdout
+
+
+def test_the_bar_labels_adaptive_optimizers_lr_as_d_lr_and_shows_the_mean_of_the_last_steps():
+    from loracli.run.progress import TrainingProgress
+
+    bar = TrainingProgress(20, enabled=False, optimizer_type="Prodigy")
+    assert bar.lr_label == "d·lr"
+    assert TrainingProgress(20, enabled=False, optimizer_type="AdamW").lr_label == "lr"
+    for step, loss in enumerate([1.0] * 5 + [0.0] * 10):
+        bar.step(loss, 1e-4, 1)
+    assert bar.smoothed == 0.0  # the last 10 steps, not an average that still remembers the first ones
