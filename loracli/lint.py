@@ -255,6 +255,9 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
                                f"bucket limits {ds.min_bucket_reso}-{ds.max_bucket_reso} are not multiples of "
                                f"{step}; used as {lo}-{hi} (min rounded down, max up), as sd-scripts does",
                                f"set them to {lo} and {hi}", SD_BUCKETS))
+    from loracli.trackers import tracker_findings  # imports this module
+
+    out += tracker_findings(config)
     return out
 
 

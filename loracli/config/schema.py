@@ -310,8 +310,13 @@ class SampleSection(Section):
 
 
 class LoggingSection(Section):
-    logging_dir: Path | None = Field(None, description="TensorBoard logs go here when set.")
+    logging_dir: Path | None = Field(None, description="TensorBoard logs (and wandb's files) go here when set.")
     log_prefix: str | None = None
+    log_with: Literal["tensorboard", "wandb", "all"] | None = Field(
+        None, description='Trackers: tensorboard (needs logging_dir), wandb (pip install "loracli[wandb]"; '
+        "WANDB_MODE=offline honoured) or all; unset: tensorboard when logging_dir is set.")
+    log_tracker_name: str | None = Field(None, description='Project name in the trackers (default "loracli").')
+    wandb_run_name: str | None = Field(None, description="The wandb run's name (default: the run folder's name).")
 
 
 class LoracliConfig(Section):

@@ -55,6 +55,7 @@ from loracli.run.step import compute_target, diffusion_loss, sample_noise, sampl
 from loracli.rundir import atomic_write_json, atomic_write_text
 from loracli.sample_prompts import read_prompt_file, round_label
 from loracli.schedule import epoch_file_name, final_file_name, kept_after_pruning, step_file_name
+from loracli.trackers import init_trackers, log_sample_images, tracker_names
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -205,10 +206,11 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         AcceleratorState._reset_state(reset_partial_state=True)  # allow several runs in one process
     mixed_precision = resolve_mixed_precision(tr.mixed_precision, log)
     logging_dir = config.logging.logging_dir
+    trackers = tracker_names(config)  # tensorboard / wandb, as logging.log_with and logging_dir say
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes then use gloo (how multi-process is tested)
         mixed_precision=mixed_precision,
-        log_with="tensorboard" if logging_dir else None,
+        log_with=trackers or None,
         project_dir=str(logging_dir) if logging_dir else None,
     )
     if accelerator.num_processes != plan.num_processes:
@@ -283,8 +285,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         log(f"resuming at step {global_step} (epoch {start_epoch}, {skip} batches done)")
         status.write(step=global_step, start_step=global_step, epoch=start_epoch)
         progress.progress.update(progress.task, completed=global_step)
-    if accelerator.is_main_process and logging_dir:
-        accelerator.init_trackers(config.logging.log_prefix or "loracli")
+    if accelerator.is_main_process and trackers:
+        init_trackers(accelerator, config, plan, run_dir.name)
 
     # --- what every saved file carries
     started_at = time.time()
@@ -336,12 +338,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
             made = sampler.make_round(label, device, accelerator.autocast, [sd.unet, *sd.text_encoders, network])
             title = f"{out.output_name or run_dir.name}: samples by round ({config.sample.sample_sampler})"
             grid = sampler.update_grid([lb for lb in sample_rounds if sample_rounds[lb]["step"] <= step], title)
-            if logging_dir:
-                import numpy as np
-
-                writer = accelerator.get_tracker("tensorboard", unwrap=True)
-                for prompt, _, image in made:
-                    writer.add_image(f"samples/{prompt.index:02d}", np.asarray(image), step, dataformats="HWC")
+            if trackers:
+                log_sample_images(accelerator, made, step)
             status.write(last_sample=label)
             log(f"sample images ({label}): {len(made)} in {time.time() - started:.1f}s, grid {grid.name}")
         accelerator.wait_for_everyone()
@@ -424,7 +422,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                 if metrics:
                     metrics.write(json.dumps({"step": global_step, "epoch": epoch, "loss": loss_value,
                                               "lr": lrs}) + "\n")
-                if logging_dir:
+                if trackers:
                     accelerator.log({"loss/current": loss_value, **{f"lr/{k}": v for k, v in lrs.items()}},
                                     step=global_step)
                 status.write(step=global_step)
@@ -456,7 +454,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     save("final", 0, global_step, plan.epochs)
     draw_curves()
     accelerator.wait_for_everyone()
-    if logging_dir:
+    if trackers:
         accelerator.end_training()
     final = run_dir / final_file_name(out.output_name)
     log(f"saved {final}")

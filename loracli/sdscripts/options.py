@@ -321,7 +321,7 @@ MAPPINGS: tuple[KeyMapping, ...] = tuple(
     ]
     + _args("sample", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first",
             "sample_sampler")
-    + _args("logging", "logging_dir", "log_prefix")
+    + _args("logging", "logging_dir", "log_prefix", "log_with", "log_tracker_name", "wandb_run_name")
 )
 
 _BY_KEY = {m.key: m for m in MAPPINGS}

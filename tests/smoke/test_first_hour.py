@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loracli.run.optim import build_optimizer
@@ -30,13 +31,13 @@ def test_a_run_says_what_it_loads_ends_with_a_summary_and_records_what_it_really
     from tests.pure.cli_helpers import run_cli
 
     if torch.cuda.is_available():
-        import pytest
-
         pytest.skip("the fp16 fallback happens on a CPU only")
     old_umask = os.umask(0o022)
     try:
         result = run_cli("train", "--config", smoke_project, "--set", "training.max_train_epochs=1",
-                         "--set", 'training.mixed_precision="fp16"', "--set", "output.save_state_every_n_steps=2")
+                         "--set", 'training.mixed_precision="fp16"', "--set", "output.save_state_every_n_steps=2",
+                         "--set", 'logging.log_with="tensorboard"', "--set", 'logging.logging_dir="tb"',
+                         "--set", 'logging.log_tracker_name="first-hour"')
     finally:
         os.umask(old_umask)
     assert result.exit_code == 0, result.output
@@ -58,6 +59,18 @@ def test_a_run_says_what_it_loads_ends_with_a_summary_and_records_what_it_really
     assert stat.S_IMODE(lora.stat().st_mode) == 0o644
     state_files = [p for p in (run_dir / "state").rglob("*") if p.is_file()]
     assert len(state_files) > 4 and {stat.S_IMODE(p.stat().st_mode) for p in state_files} == {0o644}
+
+    # the tracker got the run's config and plan as its configuration, and the loss of every step
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    hparams = yaml.safe_load(next(Path("tb", "first-hour").rglob("hparams.yml")).read_text())
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert hparams["plan.total_steps"] == plan["total_steps"] and hparams["plan.config_hash"] == plan["config_hash"]
+    assert hparams["training.mixed_precision"] == "fp16" and hparams["network.network_dim"] == 4
+    events = EventAccumulator(str(next(Path("tb", "first-hour").glob("events.out.tfevents.*"))))
+    events.Reload()
+    assert [e.value for e in events.Scalars("loss/current")] == pytest.approx(losses)
 
     report = run_cli("report", run_dir)
     assert f"final loss  {final_loss(losses):.4f} (mean of the last" in report.stdout
