@@ -192,3 +192,38 @@ def test_paths_are_printed_normalised(tmp_path, monkeypatch):
     assert f'output_dir = "{tmp_path / "runs-queue"}"' in result.stdout
     assert f'train_data_dir = "{tmp_path / "data"}"' in result.stdout
     assert f'logging_dir = "{tmp_path / "tb"}"' in result.stdout
+
+
+def test_trackers_are_checked_at_plan_time(tmp_path, make_image, monkeypatch):
+    import loracli.trackers as trackers
+
+    make_dataset(tmp_path, make_image)
+    config = tmp_path / "c.toml"
+    config.write_text(EXAMPLE_DATASET_TOML)
+    monkeypatch.setattr(trackers, "wandb_installed", lambda: False)
+    result = run_cli("plan", "--config", config, "--set", 'logging.log_with="wandb"')
+    assert result.exit_code == 2
+    assert "logging.log_with: [E19]" in result.stderr and 'pip install "loracli[wandb]"' in result.stderr
+    result = run_cli("plan", "--config", config, "--set", 'logging.log_with="tensorboard"')
+    assert result.exit_code == 2 and "set logging.logging_dir" in result.stderr
+    monkeypatch.setattr(trackers, "wandb_installed", lambda: True)
+    result = run_cli("plan", "--config", config, "--set", 'logging.log_with="wandb"')
+    assert result.exit_code == 0, result.output
+
+
+def test_tracker_names_follow_sd_scripts():
+    from loracli.config.schema import LoracliConfig
+    from loracli.trackers import tracker_config, tracker_names
+
+    def cfg(**logging):
+        return LoracliConfig.model_validate({"model": {"pretrained_model_name_or_path": "tiny:sd15"},
+                                             "dataset": {"train_data_dir": "d"}, "logging": logging})
+
+    assert tracker_names(cfg()) == []
+    assert tracker_names(cfg(logging_dir="tb")) == ["tensorboard"]
+    assert tracker_names(cfg(log_with="all", logging_dir="tb")) == ["tensorboard", "wandb"]
+    assert tracker_names(cfg(log_with="wandb")) == ["wandb"]
+    flat = tracker_config(cfg(log_with="wandb"), {"total_steps": 30})
+    assert flat["plan.total_steps"] == 30 and flat["model.pretrained_model_name_or_path"] == "tiny:sd15"
+    assert flat["dataset.resolution"] == 512 and "logging.logging_dir" not in flat  # None left out
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
