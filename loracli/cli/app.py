@@ -79,10 +79,30 @@ def guarded(fn: F) -> F:
         except KeyboardInterrupt:
             err("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError as exc:
+            if not _stdout_closed():
+                raise typer.Exit(report_failure(exc)) from None
+            raise typer.Exit(0) from None  # `loracli config show | head`: the reader has all it wanted
         except Exception as exc:  # noqa: BLE001 -- mapped to a message or a crash report, never swallowed
             raise typer.Exit(report_failure(exc)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _stdout_closed() -> bool:
+    """True when stdout's reader went away (a pipe into `head`); stdout is then pointed at /dev/null so
+    that Python's own flush at exit stays quiet too."""
+    import os
+
+    try:
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return True
+    except (OSError, ValueError):  # not a real file (a test runner's buffer)
+        return False
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="The TOML config file (default: ./loracli.toml when present).",
