@@ -227,3 +227,25 @@ def test_tracker_names_follow_sd_scripts():
     assert flat["plan.total_steps"] == 30 and flat["model.pretrained_model_name_or_path"] == "tiny:sd15"
     assert flat["dataset.resolution"] == 512 and "logging.logging_dir" not in flat  # None left out
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+
+
+def test_shell_completion_is_installable_and_completes_commands_and_options():
+    import os
+    import subprocess
+    import sys
+
+    help_text = run_cli("--help").stdout
+    assert "--install-completion" in help_text and "--show-completion" in help_text
+    script = Path(sys.executable).parent / "loracli"  # the console script pip installed
+    if not script.is_file():
+        import pytest
+
+        pytest.skip("loracli is not installed as a console script here")
+
+    def complete(words: str) -> list[str]:
+        env = dict(os.environ, _LORACLI_COMPLETE="complete_bash", COMP_WORDS=words,
+                   COMP_CWORD=str(len(words.split()) - (0 if words.endswith(" ") else 1)))
+        return subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60).stdout.split()
+
+    assert complete("loracli pr") == ["presets"]
+    assert "--preset" in complete("loracli plan --pre")
