@@ -17,7 +17,7 @@ def list_presets() -> None:
     table = Table(title="presets", title_justify="left")
     table.add_column("name", no_wrap=True)
     table.add_column("description", ratio=3)
-    table.add_column("source", ratio=2)
+    table.add_column("source", overflow="fold", ratio=2)  # long file names (sdxl_train_network.py) fold too
     table.add_column("file", overflow="fold", ratio=2)  # folded, never cut: the path is for copying
     for name in available():
         p = load_preset(name)
