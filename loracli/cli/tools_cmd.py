@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
 
         report = run_extract(base, tuned, target, dim, conv_dim, save_precision, device, force, clamp_quantile,
                              min_diff)
-        te = f"{report.text_encoder_modules} text-encoder" if report.text_encoder_kept else \
-            f"text encoders unchanged (max diff {report.text_encoder_max_diff:.3g} <= --min-diff {min_diff:g}), no"
-        print(f"{report.output}: {report.unet_modules} UNet and {te} modules; Frobenius norm retained: mean "
+        te = f"{report.text_encoder_modules} text-encoder modules" if report.text_encoder_kept else \
+            f"text encoders left out (max diff {report.text_encoder_max_diff:.3g} <= --min-diff {min_diff:g})"
+        print(f"{report.output}: {report.unet_modules} UNet modules, {te}; Frobenius norm retained: mean "
               f"{report.mean_fro:.1%}")

@@ -97,9 +97,11 @@ def extract(base_path: Path, tuned_path: Path, target_path: Path, dim: int, conv
         targets = [t for t in targets if t.kind != "text"]
 
     tensors: dict[str, torch.Tensor] = {}
+    largest = 0.0
     with progress("extract", len(targets)) as advance:
         for target in targets:
             difference = _difference(base, tuned, target, chosen)
+            largest = max(largest, float(difference.abs().max()))
             wanted = conv_dim if target.conv3 and conv_dim is not None else dim
             rank = min(wanted, target.shape[0], math.prod(target.shape[1:]))
             factors = factorise(difference, rank, chosen, clamp_quantile)
@@ -114,6 +116,9 @@ def extract(base_path: Path, tuned_path: Path, target_path: Path, dim: int, conv
             else:
                 report.unet_modules += 1
             advance()
+    if largest == 0:
+        raise ConfigError(Problem(f"TUNED {tuned_path}", f"every weight a LoRA would change is the same as in BASE "
+                                  f"{base_path}: nothing to extract", "give the fine-tuned model as TUNED"))
     metadata = extract_metadata(base, dim, conv_dim, target_path)
     model_hash, legacy_hash = sshs_hashes(tensors, metadata)
     metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)

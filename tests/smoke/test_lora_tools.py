@@ -345,6 +345,7 @@ def test_family_and_file_refusals(sd1, tmp_path):
         (["merge", str(sd1["locon"]), "--model", str(sd1["locon"]), "-o", str(out)], 3, "a LoRA file, not a base"),
         (["merge", str(sd1["locon"]), "--model", str(sd1["base"]), "-o", str(sd1["base"])], 2, "is also an input"),
         (["extract", str(sd1["base"]), str(sd1["base"]), str(out), "--dim", "0"], 2, "must be at least 1"),
+        (["extract", str(sd1["base"]), str(sd1["base"]), str(out), "--dim", "2"], 2, "nothing to extract"),
         (["resize", str(sd1["locon"]), str(out), "--dim", "5"], 2, "above the file's largest rank"),
     ]
     for args, code, text in cases:
