@@ -1,8 +1,9 @@
 """`loracli merge`: LoRAs baked into a base checkpoint, or several LoRAs into one.
 
 Into a checkpoint: the output has the base file's tensors, in its layout and
-dtypes, each weight plus Σ ratio·ΔW of the LoRA modules that target it; it is
-written tensor by tensor (one tensor in memory at a time).
+dtypes (an SD1/SDXL diffusers folder comes out in the single-file layout), each
+weight plus Σ ratio·ΔW of the LoRA modules that target it; it is written tensor
+by tensor (one tensor in memory at a time).
 
 Into one LoRA: with `--dim N` the summed deltas are decomposed by SVD to rank N
 (sd-scripts' svd_merge_lora.py; LoHa/LoKr inputs too); without it the ranks are

@@ -119,8 +119,7 @@ def _check_ranks(lora: LoraFile, request: ResizeRequest) -> None:
                                   "lower --conv-dim or leave it out"))
 
 
-def resize_file(source: Path, target: Path, request: ResizeRequest, force: bool = False,
-                on_module=None) -> ResizeReport:
+def resize_file(source: Path, target: Path, request: ResizeRequest, force: bool = False) -> ResizeReport:
     """Resize `source` into `target` (atomically); the report lists each module's new rank."""
     from loracli.run.saving import atomic_save_safetensors, sshs_hashes
 
@@ -170,8 +169,6 @@ def resize_file(source: Path, target: Path, request: ResizeRequest, force: bool 
             tensors[module.keys["lora_up.weight"]] = factors.up.to(dtype)
             tensors[module.keys.get("alpha", f"{name}.alpha")] = torch.tensor(new_alpha).to(dtype)
             report.modules.append(ModuleResize(name, conv, old_rank, rank, new_alpha, factors.fro_retained))
-            if on_module:
-                on_module(report.modules[-1])
             advance()
     if not tensors:
         raise ConfigError(Problem("--param", f"no module of {source} has a singular value above 10^{request.param:g} "
