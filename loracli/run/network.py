@@ -25,22 +25,10 @@ import torch
 from loracli.errors import ConfigError, Problem
 from loracli.family import SD1, ModelFamily
 from loracli.keymap import diffusers_to_sai, kohya_module_name
-TEXT_TARGETS = ["CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP"]
-# kohya's LoRA-LierLa: Linear and 1x1 convs inside the transformer blocks.
-LORA_PRESET = {
-    "enable_conv": True,  # proj_in/proj_out are 1x1 convs in SD1.5; they take network_dim
-    "unet_target_module": ["Transformer2DModel"],
-    "unet_target_name": [],
-    "text_encoder_target_module": TEXT_TARGETS,
-    "text_encoder_target_name": [],
-    "module_algo_map": {},
-    "name_algo_map": {},
-    "exclude_name": [],
-    "use_fnmatch": False,
-}
-# LoCon/LoHa/LoKr: also the ResNet blocks and the down/up-samplers (3x3 convs take conv_dim).
-CONV_PRESET = {**LORA_PRESET, "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D",
-                                                      "Upsample2D"]}
+from loracli.sdscripts.lycoris_targets import LORA_TARGETS, targets_for
+
+# kohya's targets as explicit LyCORIS presets (one table, shared with the sd-scripts export)
+LORA_PRESET = LORA_TARGETS
 
 
 @dataclass(frozen=True)
@@ -58,10 +46,6 @@ class NetworkSpec:
     train_unet: bool = True
     train_text_encoder: bool = True
     extra_args: dict[str, object] = field(default_factory=dict)
-
-
-def _preset_for(algo: str) -> dict:
-    return LORA_PRESET if algo == "lora" else CONV_PRESET
 
 
 def kohya_names(text_encoders: list, unet, family: ModelFamily) -> dict[str, str]:
@@ -86,7 +70,15 @@ def kohya_names(text_encoders: list, unet, family: ModelFamily) -> dict[str, str
 
 
 def create_network(spec: NetworkSpec, text_encoders, unet, family: ModelFamily = SD1):
-    """Build the network, wrap the base model's layers (UNet and each text encoder) with it, and return it."""
+    """Build the network, wrap the base model's layers (UNet and each text encoder) with it, and return it.
+
+    Plain LoRA is sd-scripts' networks.lora (loracli.run.kohya_lora: a separate branch, exact under
+    fp16/bf16); the LyCORIS algorithms go through lycoris_lora, as sd-scripts runs them."""
+    if spec.algo == "lora":
+        from loracli.run.kohya_lora import create_kohya_lora
+
+        encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
+        return create_kohya_lora(spec, encoders, unet, family)
     from lycoris.config import PRESET
     from lycoris.kohya import LycorisNetworkKohya, create_network as lycoris_create
     from lycoris.logging import logger as lycoris_logger
@@ -96,7 +88,7 @@ def create_network(spec: NetworkSpec, text_encoders, unet, family: ModelFamily =
     alpha = spec.alpha or float(spec.dim)
     conv_dim = spec.conv_dim or spec.dim
     conv_alpha = spec.conv_alpha if spec.conv_alpha is not None else alpha
-    PRESET["loracli"] = _preset_for(spec.algo)  # class-level state in lycoris: set before every create
+    PRESET["loracli"] = targets_for(spec.algo)  # class-level state in lycoris: set before every create
     kwargs = dict(
         algo=spec.algo, preset="loracli", conv_dim=conv_dim, conv_alpha=conv_alpha,
         dropout=spec.dropout or 0.0, rank_dropout=spec.rank_dropout, module_dropout=spec.module_dropout,
@@ -170,6 +162,15 @@ def load_network_weights(network, path: Path) -> tuple[int, int]:
     """
     from safetensors.torch import load_file
 
+    from loracli.run.kohya_lora import KohyaLoRANetwork
+
+    if isinstance(network, KohyaLoRANetwork):  # sd-scripts' LoRA module: already kohya-named
+        try:
+            weights = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ConfigError(Problem(f"network.network_weights: {path}", f"not a readable LoRA file ({exc})")) \
+                from None
+        return network.load_weights(weights, f"network.network_weights: {path}")
     try:
         weights = from_kohya_state_dict(load_file(str(path)), getattr(network, "_loracli_names", {}))
     except Exception as exc:  # safetensors raises its own error types

@@ -8,8 +8,7 @@ sd-scripts trains the modules loracli's plan counts. The class names match both
 diffusers' UNet and sd-scripts' own UNets (library/original_unet.py,
 sdxl_original_unet.py), and transformers' CLIP text encoders.
 
-(The run side, loracli/run/network.py, holds the same values as LORA_PRESET and
-CONV_PRESET; it should import them from here so there is one source.)
+The run side (loracli/run/network.py) applies these same tables to lycoris_lora.
 """
 
 from __future__ import annotations
