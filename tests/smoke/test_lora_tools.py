@@ -287,6 +287,25 @@ def test_resized_file_loads_in_diffusers_and_loses_what_truncation_predicts(tmp_
     assert 0 < (out_resized - out_original).norm() / effect < discarded
 
 
+def test_sd1_diffusers_folder_merges_into_a_single_file(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder = ensure_tiny_model("tiny:sd15")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    modules = kohya_modules(pipe.unet, [pipe.text_encoder], ["lora_te"], sai=False, conv=True)
+    lora = write_kohya_lora(tmp_path / "locon.safetensors", modules, rank=4, alpha=4, conv_rank=2, seed=7,
+                            magnitude=0.3)
+    out = tmp_path / "tiny-merged.safetensors"
+    merge_into_checkpoint(folder, [lora], [1.0], out)
+    merged = StableDiffusionPipeline.from_single_file(str(out), config=str(folder), local_files_only=True)
+    pipe.load_lora_weights(str(lora))
+    assert (unet_output(merged.unet) - unet_output(pipe.unet)).abs().max() < 1e-4
+    assert (text_output(merged.text_encoder) - text_output(pipe.text_encoder)).abs().max() < 1e-4
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the VAE too (its attention stored as 1x1 convs)
+        assert torch.equal(merged.vae.decode(latents).sample, pipe.vae.decode(latents).sample)
+
+
 def test_sdxl_merge_and_extract_folder_and_single_file(tmp_path):
     """tiny:sdxl: LoRAs with SAI UNet names and lora_te1_/lora_te2_ baked into the diffusers folder (written as a
     single file), then into that single file (OpenCLIP's fused q/k/v); diffusers' own single-file loader and
