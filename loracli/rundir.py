@@ -157,7 +157,7 @@ def repair_metrics_log(run_dir: Path) -> int:
 
 
 def clean_temp_files(run_dir: Path) -> list[Path]:
-    """Remove what writes killed midway left in a run folder (`.<name>.tmp-<pid>`, `.<file>.safetensors.…tmp`).
+    """Remove what writes killed midway left in a run folder and its samples (`.<name>.tmp-<pid>`, `.<name>….tmp`).
     Call it only under the run lock, when nothing else writes there."""
     removed = []
     for folder in (run_dir, run_dir / "samples"):
@@ -165,7 +165,7 @@ def clean_temp_files(run_dir: Path) -> list[Path]:
             continue
         for entry in folder.iterdir():
             name = entry.name
-            stale = name.startswith(".") and (TEMP_MARK in name or (name.endswith(".tmp") and ".safetensors." in name))
+            stale = name.startswith(".") and (TEMP_MARK in name or name.endswith(".tmp"))  # also grids, LoRAs
             if stale and entry.is_file() and not entry.is_symlink():
                 entry.unlink(missing_ok=True)
                 removed.append(entry)
