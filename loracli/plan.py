@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from loracli.lint import Finding, lint_config, lint_data, lint_network_weights, 
 from loracli import preflight
 from loracli.model_probe import probe_model, resolve_family
 from loracli.sample_prompts import round_label
+from loracli.validation_split import Holdout, split_seed, validation_findings, validation_timesteps
 from loracli.schedule import (
     Schedule,
     compute_schedule,
@@ -103,6 +104,11 @@ class Plan:
     model_kind: str = ""  # tiny | diffusers | single-file | pickle
     model_detection: str = ""  # how model_family was chosen, e.g. "detected from model_index.json (...)"
     model_source: str = ""  # where a model id was found (the Hugging Face cache), else ""
+    # dataset.validation_split: the held-out images (bucketed like the others, never trained on), the
+    # split's seed and the fixed timesteps each is evaluated at
+    validation_images: list[PlannedImage] = field(default_factory=list)
+    validation_seed: int | None = None
+    validation_timesteps: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,10 +119,11 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         fields = dict(data)
-        fields["images"] = [
-            PlannedImage(**{**i, **{k: tuple(i[k]) for k in ("size", "bucket", "resized", "crop_offset")}})
-            for i in data["images"]
-        ]
+        for key in ("images", "validation_images"):
+            fields[key] = [
+                PlannedImage(**{**i, **{k: tuple(i[k]) for k in ("size", "bucket", "resized", "crop_offset")}})
+                for i in data.get(key, [])
+            ]
         return cls(**fields)
 
 
@@ -210,10 +217,13 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         raise DatasetError(Problem(f"network.network_weights: {weights}", "LoRA file not found", "check the path"))
     if weights is not None:
         _raise_errors(lint_network_weights(config, family))
-    scan = scan_dataset(ds.train_data_dir, ds.reg_data_dir, ds.caption_extension)
+    holdout = Holdout(ds.validation_split, split_seed(config))
+    scan = scan_dataset(ds.train_data_dir, ds.reg_data_dir, ds.caption_extension, holdout=holdout)
 
     notes: list[str] = []
-    planned, ar_errors = _assign_all(scan, _assigner(config, notes))
+    assign = _assigner(config, notes)
+    planned, ar_errors = _assign_all(scan, assign)
+    held_out, _ = _assign_all(replace(scan, subsets=tuple(holdout.held_out_subsets())), assign)
     counts: Counter[tuple[int, int]] = Counter()
     for image in planned:
         counts[image.bucket] += image.repeats
@@ -227,6 +237,7 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
     except ValueError as exc:
         raise ConfigError(Problem("training.max_train_epochs", str(exc))) from None
     findings += lint_data(config, scan, schedule, buckets)
+    findings += validation_findings(config, holdout)
     _raise_errors(findings)
 
     warmup = resolve_warmup_steps(config.optimizer.lr_warmup_steps, schedule.total_steps, tr.num_processes)
@@ -268,6 +279,9 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         model_kind=probe.kind,
         model_detection=choice.how,
         model_source=probe.source,
+        validation_images=held_out,
+        validation_seed=holdout.seed if held_out else None,
+        validation_timesteps=validation_timesteps(tr.min_timestep, tr.max_timestep) if held_out else [],
     )
 
 

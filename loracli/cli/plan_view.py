@@ -43,6 +43,8 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
     console.print(table)
     console.print(f"num train images × repeats: {plan.num_train_images}   num reg images: {plan.num_reg_images}"
                   + (f"   skipped: {len(plan.skipped)}" if plan.skipped else ""))
+    if plan.validation_images:
+        console.print(validation_line(cfg, plan), markup=False)
 
     buckets = Table(title="buckets", title_justify="left")
     for col in ("resolution", "images×repeats", "batches"):
@@ -58,6 +60,10 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
     console.print(f"batches per epoch: {plan.batches_per_epoch}  steps per epoch: {plan.steps_per_epoch}  "
                   f"epochs: {plan.epochs}  total steps: {plan.total_steps}  warmup steps: {plan.warmup_steps}")
     console.print(f"files: {', '.join(plan.expected_files)}")
+    from loracli.vram import vram_lines
+
+    for line in vram_lines(getattr(plan, "vram", {})):
+        console.print(line, markup=False)
     if plan.sample_rounds:
         from loracli.sample_prompts import round_title
 
@@ -78,6 +84,22 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
         if w["source"]:
             line += f" (source: {w['source']})"
         console.print(line, style="yellow", markup=False)
+
+
+def validation_line(cfg: LoracliConfig, plan: Plan) -> str:
+    """How many images are held out, from which folders, and when the validation loss is measured."""
+    per_folder: dict[str, int] = defaultdict(int)
+    for image in plan.validation_images:
+        per_folder[image.subset] += 1
+    folders = ", ".join(f"{name} {count}" for name, count in per_folder.items())
+    tr = cfg.training
+    when = [f"every {tr.validate_every_n_steps} steps"] if tr.validate_every_n_steps else []
+    when.append(f"every {tr.validate_every_n_epochs} epochs" if tr.validate_every_n_epochs else "every epoch")
+    limit = f", at most {tr.max_validation_steps} batches" if tr.max_validation_steps else ""
+    timesteps = ", ".join(map(str, plan.validation_timesteps))
+    return (f"validation: {len(plan.validation_images)} images held out (split {cfg.dataset.validation_split:g}, "
+            f"seed {plan.validation_seed}; {folders}), never trained on; the steps above count the rest. "
+            f"Loss {' and '.join(when)}{limit}, at timesteps {timesteps} with fixed noise")
 
 
 def lr_line(cfg: LoracliConfig, model_family: str) -> str:

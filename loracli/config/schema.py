@@ -125,6 +125,10 @@ class DatasetSection(Section):
     cache_latents_to_disk: bool = Field(False, description="Also keep latent caches on disk (implies cache_latents).")
     vae_batch_size: int = Field(1, ge=1, le=MAX_COUNT)
     max_token_length: int | None = Field(None, description="75 (default), 150 or 225 tokens.")
+    validation_split: float = Field(0.0, ge=0, lt=1, description="Share of each training folder's images held "
+                                    "out for the validation loss (0.1 = 10%), as sd-scripts; reg folders are not split.")
+    validation_seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                                        description="Seed of the split (unset: training.seed, else 0).")
 
     @field_validator("resolution")
     @classmethod
@@ -265,6 +269,11 @@ class TrainingSection(Section):
     cache_text_encoder_outputs_to_disk: bool = Field(
         False, description="Also keep the text-encoder outputs on disk (implies cache_text_encoder_outputs)."
     )
+    validate_every_n_steps: int | None = Field(None, ge=1, description="Validation loss every n steps too.")
+    validate_every_n_epochs: int | None = Field(
+        None, ge=1, description="Validation loss every n epochs (unset: every epoch, with a validation_split).")
+    max_validation_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                             description="At most this many validation batches per round.")
 
 
 class OutputSection(Section):

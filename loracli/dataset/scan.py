@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,7 +265,10 @@ def _tag_frequency(subsets: list[Subset]) -> dict[str, dict[str, int]]:
 
 
 def scan_dataset(train_data_dir: Path, reg_data_dir: Path | None, caption_extension: str = ".txt",
-                 source: str = "dataset.train_data_dir") -> DatasetScan:
+                 source: str = "dataset.train_data_dir",
+                 holdout: Callable[[list[Subset]], list[Subset]] | None = None) -> DatasetScan:
+    """holdout: takes the training folders and returns what is left after the validation split (the
+    counts, the reg balance and the tag frequencies are then those of the training part, as in sd-scripts)."""
     caption_extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     out = _Collector()
     missing = []
@@ -285,6 +289,8 @@ def scan_dataset(train_data_dir: Path, reg_data_dir: Path | None, caption_extens
             f"{source}: {train_data_dir}", "no usable images found",
             "train_data_dir must be the parent of <repeats>_<name> folders holding the images, e.g. "
             f"{Path(train_data_dir) / '10_mychar'}" + (f"; skipped: {skipped}" if skipped else "")))
+    if holdout is not None:
+        train = holdout(train)
     num_train = sum(s.repeats * len(s.images) for s in train)
     num_reg = sum(s.repeats * len(s.images) for s in reg)
     reg = balance_reg(reg, num_train, out)

@@ -166,7 +166,26 @@ def _save_atomic(fig, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _plot_loss(records: list[dict[str, Any]], title: str, path: Path) -> None:
+def read_validation(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, val_loss) of each validation round in metrics.jsonl (the last one where a step has two)."""
+    try:
+        text = (Path(run_dir) / METRICS_FILE).read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return []
+    by_step: dict[int, float] = {}
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            step, value = int(record["step"]), float(record["val_loss"])
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+            continue
+        if math.isfinite(value):
+            by_step[step] = value
+    return sorted(by_step.items())
+
+
+def _plot_loss(records: list[dict[str, Any]], title: str, path: Path,
+               validation: list[tuple[int, float]] | None = None) -> None:
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
     span = ema_span(len(losses))
@@ -180,6 +199,9 @@ def _plot_loss(records: list[dict[str, Any]], title: str, path: Path) -> None:
     ax.plot([tail[0], tail[-1]] if len(tail) > 1 else tail, [final] * min(2, len(tail)), color="tab:red",
             linewidth=2.5, marker="o" if len(tail) == 1 else None,
             label=f"final loss {final:.4f}\n({describe(len(losses))})")
+    if validation:  # held-out images, fixed noise and timesteps: rounds compare like for like
+        ax.plot([s for s, _ in validation], [v for _, v in validation], color="tab:orange", linewidth=2.0,
+                marker="o", markersize=4, label="validation loss\n(held-out images)")
     ax.set_xlabel("step", fontsize=11)
     ax.set_ylabel("loss", fontsize=11)
     ax.set_title(f"{title}: loss", fontsize=12)
@@ -264,7 +286,7 @@ def write_curves(run_dir: Path) -> list[Path]:
     if not records:
         return []
     written = []
-    _plot_loss(records, run_dir.name, run_dir / LOSS_PNG)
+    _plot_loss(records, run_dir.name, run_dir / LOSS_PNG, read_validation(run_dir))
     written.append(run_dir / LOSS_PNG)
     if _plot_lr(records, run_dir.name, run_dir / LR_PNG):
         written.append(run_dir / LR_PNG)

@@ -178,6 +178,13 @@ def build_metadata(
         "ss_prior_loss_weight": tr.prior_loss_weight,
         "ss_scale_weight_norms": net.scale_weight_norms,
         **_FIXED_DEFAULTS,
+        # validation: the options as given (sd-scripts records its args), images × repeats held out
+        "ss_num_validation_images": sum(im.repeats for im in getattr(plan, "validation_images", []) or []),
+        "ss_validation_seed": ds.validation_seed,
+        "ss_validation_split": ds.validation_split,
+        "ss_max_validation_steps": tr.max_validation_steps,
+        "ss_validate_every_n_epochs": tr.validate_every_n_epochs,
+        "ss_validate_every_n_steps": tr.validate_every_n_steps,
         # folder mode (no --dataset_config)
         "ss_batch_size_per_device": tr.train_batch_size,
         "ss_total_batch_size": tr.train_batch_size * tr.num_processes * tr.gradient_accumulation_steps,

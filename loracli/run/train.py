@@ -52,6 +52,7 @@ from loracli.run.sampling import SampleMaker
 from loracli.run.saving import atomic_save_safetensors, cast_for_save
 from loracli.run.state import TrainState, load_latest_state, loader_rng_state, save_state
 from loracli.run.step import compute_target, diffusion_loss, sample_noise, sample_timesteps
+from loracli.run.validation import Validator, due_after_epoch, due_after_step, run_validation
 from loracli.rundir import atomic_write_json, atomic_write_text
 from loracli.sample_prompts import read_prompt_file, round_label
 from loracli.schedule import epoch_file_name, final_file_name, kept_after_pruning, step_file_name
@@ -236,6 +237,9 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         _enable_gradient_checkpointing(sd, train_te)
     network.train()
     conditioner = conditioner_for(sd, ds.max_token_length, config.model.clip_skip)
+    # the held-out images' latents, noise and timesteps, fixed now (the VAE may leave the device below)
+    validator = Validator(plan, config, sd, conditioner, family.latent_scaling_factor, device, _caches_text(config)) \
+        if getattr(plan, "validation_images", None) and main_process else None
 
     # --- data: the plan's bucket-batches; the run never recomputes the schedule
     dataset_seed = random.Random(tr.seed).randint(0, 2**31)
@@ -344,6 +348,11 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
             log(f"sample images ({label}): {len(made)} in {time.time() - started:.1f}s, grid {grid.name}")
         accelerator.wait_for_everyone()
 
+    def validate(step: int, epoch: int, at_epoch_end: bool) -> None:
+        """The validation loss when the plan holds images out and a round is due (run/validation.py)."""
+        run_validation(validator, config, step, epoch, at_epoch_end, network, accelerator.autocast, weight_dtype,
+                       metrics, accelerator, trackers, log)
+
     def draw_curves() -> None:
         """loss.png and lr.png from metrics.jsonl; a plotting failure never stops training."""
         if not accelerator.is_main_process:
@@ -427,6 +436,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                                     step=global_step)
                 status.write(step=global_step)
                 sample(global_step, None)
+                validate(global_step, epoch, at_epoch_end=False)
                 if out.save_every_n_steps and global_step % out.save_every_n_steps == 0:
                     save("step", global_step, global_step, epoch - 1)  # sd-scripts records 0-based here
                 every = out.save_state_every_n_steps
@@ -443,6 +453,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
             progress.epoch_done(epoch, plan.epochs, global_step, plan.total_steps)
             draw_curves()
             sample(global_step, epoch)
+            validate(global_step, epoch, at_epoch_end=True)
             if out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0 and epoch < plan.epochs:
                 save("epoch", epoch, global_step, epoch)
             if global_step >= plan.total_steps:

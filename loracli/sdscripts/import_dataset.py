@@ -26,8 +26,6 @@ SUBSET_ONLY = {"image_dir", "is_reg", "num_repeats", "class_tokens", "metadata_f
 # Keys loracli has no equivalent for, with the reason.
 NOT_SUPPORTED = {
     "network_multiplier": "per-dataset network multipliers are not supported",
-    "validation_split": "loracli has no validation split",
-    "validation_seed": "loracli has no validation split",
     "resize_interpolation": "loracli resizes with its own interpolation (area down, lanczos up)",
     "enable_wildcard": "wildcard captions are not implemented in loracli",
     "face_crop_aug_range": "face-crop augmentation is not implemented in loracli",

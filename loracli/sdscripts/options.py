@@ -322,6 +322,13 @@ MAPPINGS: tuple[KeyMapping, ...] = tuple(
     + _args("sample", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first",
             "sample_sampler")
     + _args("logging", "logging_dir", "log_prefix", "log_with", "log_tracker_name", "wandb_run_name")
+    + [
+        KeyMapping("dataset.validation_split", dataset="validation_split",
+                   note="a [[datasets]] option; loracli holds out exactly the images it does not train on"),
+        KeyMapping("dataset.validation_seed", dataset="validation_seed",
+                   note="unset: loracli splits with training.seed (sd-scripts: with its random state)"),
+    ]
+    + _args("training", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps")
 )
 
 _BY_KEY = {m.key: m for m in MAPPINGS}

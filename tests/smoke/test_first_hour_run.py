@@ -37,7 +37,10 @@ def test_a_run_says_what_it_loads_ends_with_a_summary_and_records_what_it_really
         result = run_cli("train", "--config", smoke_project, "--set", "training.max_train_epochs=1",
                          "--set", 'training.mixed_precision="fp16"', "--set", "output.save_state_every_n_steps=2",
                          "--set", 'logging.log_with="tensorboard"', "--set", 'logging.logging_dir="tb"',
-                         "--set", 'logging.log_tracker_name="first-hour"')
+                         "--set", 'logging.log_tracker_name="first-hour"',
+                         # a held-out image, validated every 2 steps; lr 1e-12 keeps the weights (nearly) as they are
+                         "--set", "dataset.validation_split=0.34", "--set", "training.validate_every_n_steps=2",
+                         "--set", "optimizer.learning_rate=1e-12")
     finally:
         os.umask(old_umask)
     assert result.exit_code == 0, result.output
@@ -46,7 +49,8 @@ def test_a_run_says_what_it_loads_ends_with_a_summary_and_records_what_it_really
     assert "loading model tiny:sd15 (SD1.x) ..." in out
     assert out.index("loading model") < out.index("done: ")
 
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
     summary = out[out.index("done: "):]
     assert f"done: {len(losses)} steps in " in summary and "steps/s" in summary and "images/s" in summary
     assert f"loss: final {final_loss(losses):.4f} (mean of the last {min(10, len(losses))} steps)" in summary
@@ -60,6 +64,18 @@ def test_a_run_says_what_it_loads_ends_with_a_summary_and_records_what_it_really
     state_files = [p for p in (run_dir / "state").rglob("*") if p.is_file()]
     assert len(state_files) > 4 and {stat.S_IMODE(p.stat().st_mode) for p in state_files} == {0o644}
 
+    # validation: at every 2nd step and the epoch's end, on the held-out image; fixed latents, noise and
+    # timesteps, so with the weights unchanged every round gives the same number
+    validation = [r for r in records if "val_loss" in r]
+    steps = len(losses)
+    assert [r["step"] for r in validation] == sorted(list(range(2, steps + 1, 2)) + [steps])
+    assert max(r["val_loss"] for r in validation) - min(r["val_loss"] for r in validation) < 1e-6
+    assert "validation loss" in out
+    plan_data = json.loads((run_dir / "plan.json").read_text())
+    assert len(plan_data["validation_images"]) == 1
+    assert read_header(run_dir / "smoke.safetensors").metadata["ss_num_validation_images"] == \
+        str(sum(i["repeats"] for i in plan_data["validation_images"]))
+
     # the tracker got the run's config and plan as its configuration, and the loss of every step
     import yaml
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -71,6 +87,8 @@ def test_a_run_says_what_it_loads_ends_with_a_summary_and_records_what_it_really
     events = EventAccumulator(str(next(Path("tb", "first-hour").glob("events.out.tfevents.*"))))
     events.Reload()
     assert [e.value for e in events.Scalars("loss/current")] == pytest.approx(losses)
+
+    assert [e.value for e in events.Scalars("loss/validation")] == pytest.approx([r["val_loss"] for r in validation])
 
     report = run_cli("report", run_dir)
     assert f"final loss  {final_loss(losses):.4f} (mean of the last" in report.stdout
