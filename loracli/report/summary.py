@@ -15,7 +15,7 @@ from typing import Any
 
 from loracli.errors import ConfigError, DatasetError, Problem
 from loracli.final_loss import describe, final_loss, final_loss_steps
-from loracli.report.curves import read_metrics, write_curves
+from loracli.report.curves import read_metrics, read_validation, write_curves
 
 RUN_MARKERS = ("status.json", "plan.json")
 
@@ -82,6 +82,15 @@ def _loss_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
             "min_loss": best["loss"], "min_loss_step": best["step"]}
 
 
+def _validation_stats(rounds: list[tuple[int, float]]) -> dict[str, Any]:
+    """The last validation loss and the lowest (with its step): where the held-out images did best."""
+    if not rounds:
+        return {"val_loss": None, "val_loss_step": None, "min_val_loss": None, "min_val_loss_step": None}
+    best = min(rounds, key=lambda r: r[1])
+    return {"val_loss": rounds[-1][1], "val_loss_step": rounds[-1][0], "min_val_loss": best[1],
+            "min_val_loss_step": best[0]}
+
+
 def summarize_run(run_dir: Path, curves: bool = True) -> dict[str, Any]:
     """Everything `loracli report` shows (JSON-ready); with curves, loss.png/lr.png are redrawn first."""
     run_dir = check_run_dir(run_dir)
@@ -106,6 +115,7 @@ def summarize_run(run_dir: Path, curves: bool = True) -> dict[str, Any]:
         # a resumed run's status covers its last process only: count the steps that process made
         "it_per_s": (step - (_number(status.get("start_step")) or 0)) / wall if wall and step else None,
         **_loss_stats(records),
+        **_validation_stats(read_validation(run_dir)),
         "logged_steps": len(records),
         "files": _saved_files(run_dir),
         "curves": [str(p) for p in written],
@@ -143,6 +153,9 @@ def render_summary(s: dict[str, Any]) -> str:
         lines.append(f"{'min loss':<12}{s['min_loss']:.4f} at step {s['min_loss_step']}")
     else:
         lines.append(f"{'loss':<12}no step logged yet (metrics.jsonl is empty)")
+    if s.get("val_loss") is not None:
+        lines.append(f"{'val loss':<12}{s['val_loss']:.4f} at step {s['val_loss_step']} (lowest "
+                     f"{s['min_val_loss']:.4f} at step {s['min_val_loss_step']}; held-out images)")
     if not s["files"]:
         lines.append(f"{'files':<12}no LoRA file saved yet")
     for f in s["files"]:

@@ -92,6 +92,7 @@ def test_a_run_says_what_it_loads_ends_with_a_summary_and_records_what_it_really
 
     report = run_cli("report", run_dir)
     assert f"final loss  {final_loss(losses):.4f} (mean of the last" in report.stdout
+    assert f"val loss    {validation[-1]['val_loss']:.4f} at step {steps}" in report.stdout
     inspect = run_cli("inspect", lora)
     assert "precision       no" in inspect.stdout or "precision       fp32" in inspect.stdout, inspect.stdout
 
