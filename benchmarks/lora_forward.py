@@ -7,7 +7,7 @@ plain LoRA (dim 32 / alpha 16, UNet only) three ways, and times one training for
 round so drifts in machine load hit all of them alike:
 
   kohya           loracli.run.kohya_lora (sd-scripts' networks.lora: org(x) + up(down(x))·scale)
-  lycoris         loracli.run.network via lycoris_lora, default (non-bypass: rebuilds W + ΔW)
+  lycoris         lycoris_lora's plain LoRA on the same targets, default mode (rebuilds W + ΔW)
   lycoris-bypass  the same with LyCORIS' bypass_mode (a branch, like kohya's)
   none            no LoRA (gradients to the input instead): the floor
 
@@ -26,7 +26,7 @@ import torch
 
 from loracli.family import SD1
 from loracli.run.kohya_lora import create_kohya_lora
-from loracli.run.network import NetworkSpec, create_network
+from loracli.run.network import NetworkSpec
 from loracli.run.shapes import sd15_unet_config
 
 VARIANTS = ("kohya", "lycoris", "lycoris-bypass", "none")
@@ -41,15 +41,31 @@ def build_unet(widths: tuple[int, ...], context: int):
     return unet.requires_grad_(False)
 
 
+def lycoris_lora(unet, dim: int, alpha: float, bypass: bool):
+    """LyCORIS' plain LoRA on kohya's targets (what loracli trained plain LoRA with before kohya_lora)."""
+    import logging
+
+    from lycoris.config import PRESET
+    from lycoris.kohya import create_network as lycoris_create
+    from lycoris.logging import logger as lycoris_logger
+
+    from loracli.sdscripts.lycoris_targets import targets_for
+
+    lycoris_logger.setLevel(logging.WARNING)
+    PRESET["loracli"] = targets_for("lora")
+    network = lycoris_create(1.0, dim, alpha, None, None, unet, algo="lora", preset="loracli",
+                             warn_on_unmatched=False, bypass_mode=bypass)
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    return network.requires_grad_(True)
+
+
 def inject(variant: str, unet, dim: int, alpha: float):
     if variant == "none":
         return torch.nn.Module()
     if variant == "kohya":
         spec = NetworkSpec(algo="lora", dim=dim, alpha=alpha, train_text_encoder=False)
         return create_kohya_lora(spec, [None], unet, SD1)
-    extra = {"bypass_mode": True} if variant == "lycoris-bypass" else {}
-    spec = NetworkSpec(algo="lora", dim=dim, alpha=alpha, train_text_encoder=False, extra_args=extra)
-    return create_network(spec, None, unet)
+    return lycoris_lora(unet, dim, alpha, bypass=variant == "lycoris-bypass")
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ from torch.nn import functional as F
 from loracli.errors import ConfigError
 from loracli.family import SD1, SDXL
 from loracli.run.kohya_lora import KohyaLoRAModule, KohyaLoRANetwork, create_kohya_lora
-from loracli.run.network import NetworkSpec, create_network, to_kohya_state_dict
+from loracli.run.network import NetworkSpec, create_network, kohya_names, remember_names, to_kohya_state_dict
 from loracli.run.tiny_model import ensure_tiny_model
+from loracli.sdscripts.lycoris_targets import targets_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -306,6 +307,18 @@ def perturb(network, seed=0):
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def lycoris_plain_lora_keys(text_encoder, unet) -> list[str]:
+    from lycoris.config import PRESET
+    from lycoris.kohya import create_network as lycoris_create
+
+    PRESET["loracli"] = targets_for("lora")
+    network = lycoris_create(1.0, 4, 2.0, None, text_encoder, unet, algo="lora", preset="loracli",
+                             warn_on_unmatched=False)
+    network.apply_to(text_encoder, unet, apply_text_encoder=True, apply_unet=True)
+    remember_names(network, kohya_names([text_encoder], unet, SD1))
+    return list(to_kohya_state_dict(network))
+
+
 def test_tiny_sd15_targets_and_names_are_kohyas():
     sd = tiny_sd15()
     base = unet_out(sd.unet)
@@ -320,10 +333,9 @@ def test_tiny_sd15_targets_and_names_are_kohyas():
     assert keys["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (4, 32, 1, 1)
     assert keys["lora_unet_mid_block_attentions_0_proj_out.alpha"].item() == 2.0
     assert torch.equal(unet_out(sd.unet), base)  # zero up: the untrained network changes nothing
-    # the same modules LyCORIS' kohya-style preset picks (an independent reading of kohya's targets)
+    # the same modules LyCORIS picks with loracli's table of kohya's targets (an independent reading)
     other = tiny_sd15()
-    lycoris = create_network(NetworkSpec(algo="lora", dim=4, alpha=2), other.text_encoder, other.unet)
-    assert set(to_kohya_state_dict(lycoris)) == set(keys)
+    assert set(lycoris_plain_lora_keys(other.text_encoder, other.unet)) == set(keys)
 
 
 def test_conv_dim_adds_kohyas_c3lier_targets_with_conv_alpha_default_1():
@@ -474,29 +486,29 @@ def test_tiny_sdxl_names_are_sai_and_load_in_diffusers(tmp_path):
 
 # --- dropouts change training ----------------------------------------------------------------------
 
-def short_training(**options) -> dict[str, torch.Tensor]:
-    sd = tiny_sd15()
+def short_training(sd, **options) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     network = create_kohya_lora(NetworkSpec(algo="lora", dim=4, alpha=4, train_text_encoder=False, **options),
                                 [sd.text_encoder], sd.unet, SD1)
     network.train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
-    latents, hidden, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), \
-        torch.randn(2, 4, 8, 8, generator=g)
-    for step in range(3):
-        loss = F.mse_loss(sd.unet(latents, torch.tensor([100, 700]), hidden).sample, target)
+    latents, hidden, target = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g), \
+        torch.randn(1, 4, 8, 8, generator=g)
+    for _ in range(2):  # two steps: the first moves only `up` (it starts at zero), the second `down` too
+        loss = F.mse_loss(sd.unet(latents, torch.tensor([300]), hidden).sample, target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    network.restore()  # the base model is frozen: the next run starts from the same one
     return {k: v.detach().clone() for k, v in network.state_dict().items()}
 
 
 def test_network_dropout_and_rank_dropout_change_training():
-    plain, again = short_training(), short_training()
+    sd = tiny_sd15()
+    plain, again = short_training(sd), short_training(sd)
     assert all(torch.equal(plain[k], again[k]) for k in plain)  # the runs are deterministic ...
     for options in (dict(dropout=0.3), dict(rank_dropout=0.3)):
-        trained = short_training(**options)
+        trained = short_training(sd, **options)
         differing = [k for k in plain if not torch.allclose(plain[k], trained[k])]
         assert len(differing) > len(plain) // 3, options  # ... so the option is what changed the weights
-
