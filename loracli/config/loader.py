@@ -152,16 +152,17 @@ def _did_you_mean(section: str | None, key: str) -> str:
     return f"see `loracli config show --explain` for the keys of [{section}]"
 
 
-# pydantic names the union member it tried in `loc` (`optimizer_args.d0.float`); those are not keys.
-_TYPE_TAG = re.compile(r"^(bool|int|float|str|none|list\[.*\]|tuple\[.*\]|dict\[.*\]|union\[.*\]|"
-                       r"literal\[.*\]|function-.*|lax-or-strict.*|json-or-python.*|is-instance\[.*\])$")
+# pydantic names the union member it tried in `loc` (`optimizer_args.d0.float`,
+# `train_batch_size.constrained-int`, `resolution.tuple[int, int]`); those are not keys.
+_TYPE_NAMES = {"bool", "int", "float", "str", "none"}
+_KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _key_loc(loc: tuple) -> list[str]:
-    """The config key an error is about: its loc up to the first union tag or list index."""
+    """The config key an error is about: section and key, then table keys up to the first union tag or index."""
     out: list[str] = []
-    for part in loc:
-        if isinstance(part, int) or _TYPE_TAG.match(str(part)):
+    for i, part in enumerate(loc):
+        if i >= 2 and (isinstance(part, int) or not _KEY_PART.match(str(part)) or str(part) in _TYPE_NAMES):
             break
         out.append(str(part))
     return out
