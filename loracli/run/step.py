@@ -7,8 +7,10 @@ Every function takes plain arguments so the training loop wires config to it vis
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -120,16 +122,80 @@ def compute_target(
 
 
 def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """SNR_t = ᾱ_t / (1 − ᾱ_t) for each timestep (float32, on the timesteps' device)."""
-    alphas_cumprod = noise_scheduler.alphas_cumprod.float().cpu()
-    all_snr = (alphas_cumprod.sqrt() / (1.0 - alphas_cumprod).sqrt()) ** 2
+    """SNR_t = ᾱ_t / (1 − ᾱ_t) for each timestep (float32, on the timesteps' device).
+
+    After zero_terminal_snr the table of the original schedule is used, as sd-scripts computes
+    its SNR table before rescaling the betas (the last SNR would otherwise be 0)."""
+    all_snr = getattr(noise_scheduler, "snr_before_zero_terminal", None)
+    if all_snr is None:
+        alphas_cumprod = noise_scheduler.alphas_cumprod.float().cpu()
+        all_snr = (alphas_cumprod.sqrt() / (1.0 - alphas_cumprod).sqrt()) ** 2
     return all_snr[timesteps.long().cpu()].to(timesteps.device)
+
+
+def enforce_zero_terminal_snr(noise_scheduler) -> None:
+    """zero_terminal_snr (arXiv 2305.08891): rescale the betas so the last timestep is pure noise,
+    keeping the first timestep's ᾱ; the SNR table for the loss weights stays the original one."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.float()
+    noise_scheduler.snr_before_zero_terminal = alphas_cumprod / (1.0 - alphas_cumprod)
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    new_cumprod = root**2
+    alphas = torch.cat([new_cumprod[:1], new_cumprod[1:] / new_cumprod[:-1]])
+    noise_scheduler.betas = 1.0 - alphas
+    noise_scheduler.alphas = alphas
+    noise_scheduler.alphas_cumprod = new_cumprod
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, v_parameterization: bool) -> torch.Tensor:
     """min(SNR, γ)/SNR for epsilon prediction, min(SNR, γ)/(SNR+1) for v-prediction."""
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if v_parameterization else clipped / snr
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """sd-scripts' loss options beyond min-SNR (training.loss_type and friends)."""
+
+    loss_type: str = "l2"  # l2 | l1 | huber | smooth_l1
+    huber_schedule: str = "snr"  # constant | exponential | snr
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+    debiased_estimation_loss: bool = False
+
+
+def huber_c_per_sample(options: LossOptions, timesteps: torch.Tensor, noise_scheduler) -> torch.Tensor | None:
+    """The Huber threshold of each sample: constant c·scale, exponential decay from 1 at t=0 to c at the
+    last step (× scale), or the SNR schedule (1 − c)/(1 + σ_t)² + c with σ_t = sqrt((1 − ᾱ)/ᾱ)."""
+    if options.loss_type not in ("huber", "smooth_l1"):
+        return None
+    t = timesteps.long()
+    if options.huber_schedule == "constant":
+        return torch.full(t.shape, options.huber_c * options.huber_scale, device=t.device)
+    if options.huber_schedule == "exponential":
+        rate = -math.log(options.huber_c) / noise_scheduler.config.num_train_timesteps
+        return torch.exp(-rate * t.float()) * options.huber_scale
+    alphas_cumprod = noise_scheduler.alphas_cumprod.float().cpu()[t.cpu()]
+    sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return ((1 - options.huber_c) / (1 + sigmas) ** 2 + options.huber_c).to(t.device)
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: torch.Tensor | None
+                     ) -> torch.Tensor:
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    c = huber_c.view(-1, *([1] * (pred.ndim - 1)))
+    soft = torch.sqrt((pred - target) ** 2 + c**2) - c  # pseudo-Huber
+    return 2 * c * soft if loss_type == "huber" else 2 * soft
+
+
+def _snr_capped(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(compute_snr(noise_scheduler, timesteps), max=1000)  # t=0 has an infinite SNR
 
 
 def diffusion_loss(
@@ -140,16 +206,41 @@ def diffusion_loss(
     loss_weights: torch.Tensor | Sequence[float],
     min_snr_gamma: float | None,
     v_parameterization: bool,
+    options: LossOptions = LossOptions(),
 ) -> torch.Tensor:
-    """Per-element MSE → mean per sample → × loss weight → × min-SNR weight → batch mean."""
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    """Per-element loss (l2, l1, pseudo-Huber) → mean per sample → × loss weight → min-SNR weight →
+    v-prediction-like scaling / added loss → debiased estimation → batch mean (sd-scripts' order)."""
+    huber_c = huber_c_per_sample(options, timesteps, noise_scheduler)
+    loss = elementwise_loss(model_pred.float(), target.float(), options.loss_type,
+                            None if huber_c is None else huber_c.to(model_pred.device))
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     weights = torch.as_tensor(loss_weights, dtype=torch.float32, device=loss.device)
     loss = loss * weights
     if min_snr_gamma:
         snr = compute_snr(noise_scheduler, timesteps).to(loss.device)
         loss = loss * min_snr_weight(snr, min_snr_gamma, v_parameterization)
+    if options.scale_v_pred_loss_like_noise_pred or options.v_pred_like_loss or options.debiased_estimation_loss:
+        snr = _snr_capped(noise_scheduler, timesteps).to(loss.device)
+        if options.scale_v_pred_loss_like_noise_pred:
+            loss = loss * snr / (snr + 1)
+        if options.v_pred_like_loss:
+            loss = loss + loss / (snr / (snr + 1)) * options.v_pred_like_loss
+        if options.debiased_estimation_loss:
+            loss = loss * (1 / (snr + 1) if v_parameterization else 1 / torch.sqrt(snr))
     return loss.mean()
+
+
+def input_perturbation(latents: torch.Tensor, noise: torch.Tensor, gamma: float | None, random_strength: bool,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """ip_noise_gamma: the noise added to the latents gets an extra γ·N(0, 1) (the target stays the plain
+    noise); with random strength γ is scaled by one U(0, 1) draw per batch."""
+    if not gamma:
+        return noise
+    strength: float | torch.Tensor = gamma
+    if random_strength:
+        device = generator.device if generator is not None else latents.device
+        strength = torch.rand(1, generator=generator, device=device).to(latents.device) * gamma
+    return noise + strength * _randn(latents.shape, latents, generator)
 
 
 # --- text encoding ---------------------------------------------------------------------------------

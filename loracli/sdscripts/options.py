@@ -294,7 +294,9 @@ MAPPINGS: tuple[KeyMapping, ...] = tuple(
     + _args("training", "gradient_accumulation_steps", "max_train_epochs", "max_train_steps", "mixed_precision",
             "seed", "gradient_checkpointing", "xformers", "noise_offset", "noise_offset_random_strength",
             "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount", "min_snr_gamma",
-            "min_timestep", "max_timestep", "prior_loss_weight")
+            "min_timestep", "max_timestep", "prior_loss_weight", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+            "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "zero_terminal_snr",
+            "loss_type", "huber_schedule", "huber_c", "huber_scale")
     + [
         KeyMapping("training.num_processes", accelerate="num_processes",
                    note="accelerate launch --num_processes N (with --multi_gpu when N > 1)"),

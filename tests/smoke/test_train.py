@@ -145,7 +145,11 @@ def test_every_step_option_together_runs(smoke_project):
             "dataset.max_token_length=150", "model.v_parameterization=true", "dataset.shuffle_caption=true",
             "dataset.keep_tokens=1", "dataset.caption_dropout_rate=0.2", "network.algo='locon'",
             "network.network_dropout=0.1", "network.scale_weight_norms=1.0", "optimizer.lr_scheduler='cosine'",
-            "optimizer.lr_warmup_steps=0.2", "training.gradient_accumulation_steps=2"]
+            "optimizer.lr_warmup_steps=0.2", "training.gradient_accumulation_steps=2",
+            "training.zero_terminal_snr=true", "training.ip_noise_gamma=0.1",
+            "training.ip_noise_gamma_random_strength=true", "training.loss_type='smooth_l1'",
+            "training.huber_schedule='exponential'", "training.debiased_estimation_loss=true",
+            "training.scale_v_pred_loss_like_noise_pred=true", "training.v_pred_like_loss=0.1"]
     run = train(smoke_project, *[a for s in sets for a in ("--set", s)])
     plan = json.loads((run / "plan.json").read_text())
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -156,6 +160,20 @@ def test_every_step_option_together_runs(smoke_project):
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "sd_v1_v" and meta["modelspec.prediction_type"] == "v"
     assert meta["ss_min_snr_gamma"] == "5.0" and meta["ss_clip_skip"] == "2"
+    assert (meta["ss_zero_terminal_snr"], meta["ss_ip_noise_gamma"], meta["ss_ip_noise_gamma_random_strength"],
+            meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_debiased_estimation"]) == \
+        ("True", "0.1", "True", "smooth_l1", "exponential", "True")
+
+
+def test_loss_and_noise_options_change_what_is_learned(smoke_project):
+    """Same seed, same data: l2 against pseudo-Huber with input perturbation give other weights."""
+    one = ["--set", "training.max_train_epochs=1"]
+    plain = train(smoke_project, *one)
+    other = train(smoke_project, *one, "--set", "training.loss_type='huber'", "--set", "training.ip_noise_gamma=0.2")
+    assert plain != other
+    with safe_open(plain / "smoke.safetensors", "pt") as a, safe_open(other / "smoke.safetensors", "pt") as b:
+        key = next(k for k in a.keys() if k.endswith("lora_up.weight"))
+        assert not torch.allclose(a.get_tensor(key), b.get_tensor(key))
 
 
 def test_disk_latent_cache_is_reused_and_keyed(smoke_project):
