@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from loracli.errors import EXIT_INTERRUPTED, LoracliError
+from loracli.errors import EXIT_INTERRUPTED
 
 
 def main() -> None:
@@ -13,12 +13,12 @@ def main() -> None:
 
     try:
         train(Path(sys.argv[1]), resume="--resume" in sys.argv[2:])
-    except LoracliError as exc:
-        for problem in exc.problems:
-            sys.stderr.write(f"error: {problem.render()}\n")
-        raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as exc:  # every process reports like the CLI: one line, never a traceback
+        from loracli.cli.app import report_failure
+
+        raise SystemExit(report_failure(exc)) from None
 
 
 if __name__ == "__main__":

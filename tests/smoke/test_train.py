@@ -231,3 +231,23 @@ def test_out_of_memory_gives_suggestions_not_a_traceback(smoke_project, monkeypa
     assert "out of GPU memory" in result.stderr and "gradient_checkpointing" in result.stderr
     run = next((smoke_project.parent / "runs").iterdir())
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
+
+
+def test_a_failed_final_save_keeps_a_training_state_to_resume_from(smoke_project, monkeypatch):
+    """The disk fills up as the LoRA file is written: the run saves its training state first and says how
+    to resume, in one line, exit 4."""
+    import errno
+
+    import loracli.run.train as train_module
+
+    def disk_full(tensors, metadata, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(train_module, "atomic_save_safetensors", disk_full)
+    result = run_cli("train", "--config", smoke_project, "--set", "training.max_train_epochs=1")
+    assert result.exit_code == 4, result.stderr
+    (run,) = (smoke_project.parent / "runs").iterdir()
+    states = sorted((run / "state").glob("step-*"))
+    assert states and (states[-1] / "COMPLETE").exists()
+    line = result.stderr.strip().splitlines()[-1]
+    assert "disk full" in line and f"loracli train --resume {run}" in line and "Traceback" not in result.stderr
