@@ -126,7 +126,10 @@ class KohyaLoRAModule(nn.Module):
                 keep = keep[:, :, None, None]
             lx = lx * keep
             scale = self.scale * (1.0 / (1.0 - self.rank_dropout))  # as if the rank were that much smaller
-        return self.lora_up(lx) * self.multiplier * scale
+        lx = self.lora_up(lx)
+        if self.multiplier != 1.0:  # × 1.0 is exact: skipping it saves a pass over the output, not a bit
+            lx = lx * self.multiplier
+        return lx * scale
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = up·down·scale in the base weight's shape (for norms and merging), in the LoRA's dtype."""

@@ -105,6 +105,12 @@ def test_linear_branch_is_kohyas_equation_under_autocast(dtype):
         want = F.linear(x, base.weight, base.bias) + kohya_branch(x, lora.lora_down.weight, lora.lora_up.weight, 0.5)
     assert got.dtype == want.dtype
     assert torch.equal(got, want)
+    lora.multiplier = 0.7  # a sample/grid strength
+    with autocast_for(dtype), torch.no_grad():
+        got = base(x)
+        want = F.linear(x, base.weight, base.bias) + kohya_branch(x, lora.lora_down.weight, lora.lora_up.weight, 0.5,
+                                                                  multiplier=0.7)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
