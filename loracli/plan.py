@@ -34,6 +34,7 @@ from loracli.lint import Finding, lint_config, lint_data, lint_network_weights, 
 from loracli import preflight
 from loracli.model_probe import probe_model, resolve_family
 from loracli.sample_prompts import round_label
+from loracli.vram import plan_memory
 from loracli.validation_split import Holdout, split_seed, validation_findings, validation_timesteps
 from loracli.schedule import (
     Schedule,
@@ -104,6 +105,7 @@ class Plan:
     model_kind: str = ""  # tiny | diffusers | single-file | pickle
     model_detection: str = ""  # how model_family was chosen, e.g. "detected from model_index.json (...)"
     model_source: str = ""  # where a model id was found (the Hugging Face cache), else ""
+    vram: dict[str, Any] = field(default_factory=dict)  # loracli.vram's estimate (empty when none)
     # dataset.validation_split: the held-out images (bucketed like the others, never trained on), the
     # split's seed and the fixed timesteps each is evaluated at
     validation_images: list[PlannedImage] = field(default_factory=list)
@@ -227,6 +229,10 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
     counts: Counter[tuple[int, int]] = Counter()
     for image in planned:
         counts[image.bucket] += image.repeats
+    # the VRAM estimate; train_batch_size = "auto" becomes a number here (resolved.config is updated)
+    config, memory = plan_memory(resolved, probe.path, probe.kind, family, list(counts),
+                                 max(counts.values(), default=1))
+    ds, tr = config.dataset, config.training
     batches = count_batches(dict(counts), tr.train_batch_size)
     buckets = [
         {"resolution": list(b), "count": counts[b], "batches": batches[b]} for b in sorted(counts)
@@ -238,6 +244,7 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         raise ConfigError(Problem("training.max_train_epochs", str(exc))) from None
     findings += lint_data(config, scan, schedule, buckets)
     findings += validation_findings(config, holdout)
+    findings += memory.findings
     _raise_errors(findings)
 
     warmup = resolve_warmup_steps(config.optimizer.lr_warmup_steps, schedule.total_steps, tr.num_processes)
@@ -279,6 +286,7 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         model_kind=probe.kind,
         model_detection=choice.how,
         model_source=probe.source,
+        vram=memory.summary,
         validation_images=held_out,
         validation_seed=holdout.seed if held_out else None,
         validation_timesteps=validation_timesteps(tr.min_timestep, tr.max_timestep) if held_out else [],

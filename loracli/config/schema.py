@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import UnionType
-from typing import Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -243,7 +243,9 @@ class OptimizerSection(Section):
 
 
 class TrainingSection(Section):
-    train_batch_size: int = Field(1, ge=1, le=MAX_COUNT)
+    train_batch_size: Union[Annotated[int, Field(ge=1, le=MAX_COUNT)], Literal["auto"]] = Field(
+        1, description='Images per step; "auto": the largest that fits training.vram_gb (or the GPU), keeping '
+        "the effective batch gradient_accumulation_steps when that is above 1.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_COUNT)
     max_train_epochs: int | None = Field(None, ge=1, le=MAX_COUNT,
                                          description="Wins over max_train_steps, as in sd-scripts.")
@@ -269,6 +271,16 @@ class TrainingSection(Section):
     cache_text_encoder_outputs_to_disk: bool = Field(
         False, description="Also keep the text-encoder outputs on disk (implies cache_text_encoder_outputs)."
     )
+    vram_gb: float | None = Field(
+        None, gt=0, le=4096, description="GPU memory to plan for (GiB): `loracli plan` warns when its estimate "
+        'is above it, and train_batch_size = "auto" fills it. Unset: the detected GPU\'s memory.')
+
+    @field_validator("train_batch_size", mode="before")
+    @classmethod
+    def _batch_number_or_auto(cls, v: object) -> object:
+        if (isinstance(v, str) and v != "auto") or isinstance(v, bool):
+            raise ValueError('must be a number or "auto"')
+        return v
     validate_every_n_steps: int | None = Field(None, ge=1, description="Validation loss every n steps too.")
     validate_every_n_epochs: int | None = Field(
         None, ge=1, description="Validation loss every n epochs (unset: every epoch, with a validation_split).")

@@ -9,7 +9,6 @@ data it builds does not match the plan.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -47,11 +46,13 @@ from loracli.run.network import (
     to_kohya_state_dict,
 )
 from loracli.run.optim import adafactor_uses_relative_step, build_optimizer, build_scheduler, current_lrs
+from loracli.run.prefetch import BatchPrefetcher, planned_jobs, to_device
 from loracli.run.progress import TrainingProgress, loading_model_line, quiet_third_party, run_summary
 from loracli.run.sampling import SampleMaker
 from loracli.run.saving import atomic_save_safetensors, cast_for_save
 from loracli.run.state import TrainState, load_latest_state, loader_rng_state, save_state
 from loracli.run.step import compute_target, diffusion_loss, sample_noise, sample_timesteps
+from loracli.run.step_sync import LossWatch, average_gradients, loss_check_interval
 from loracli.run.validation import Validator, due_after_epoch, due_after_step, run_validation
 from loracli.rundir import atomic_write_json, atomic_write_text
 from loracli.sample_prompts import read_prompt_file, round_label
@@ -306,6 +307,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     saved = _saved_so_far(run_dir, out.output_name)  # for pruning; non-empty when resuming
 
     def save(kind: str, number: int, step: int, epoch: int) -> None:
+        report_losses()  # the NaN check runs before every save
         if not accelerator.is_main_process:
             return
         name = {"epoch": lambda: epoch_file_name(out.output_name, number),
@@ -337,6 +339,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         # A resumed run redoes an epoch-end round at its own step (it may have been cut short).
         if label not in sample_rounds or step < resumed_at or (step == resumed_at and epoch is None):
             return
+        report_losses()
         if sampler is not None:
             started = time.time()
             made = sampler.make_round(label, device, accelerator.autocast, [sd.unet, *sd.text_encoders, network])
@@ -369,6 +372,21 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     noise_scheduler = sd.noise_scheduler
     num_timesteps = noise_scheduler.config.num_train_timesteps
     metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if accelerator.is_main_process else None
+    losses = LossWatch(loss_check_interval(device))  # read on the host every N steps, not every step
+
+    def report_losses() -> None:
+        """Read the pending losses (one host sync; stops on NaN/inf) and log them."""
+        for r in losses.flush():
+            progress.step(r.loss, next(iter(r.lrs.values()), 0.0), r.epoch)
+            if metrics and not metrics.closed:
+                metrics.write(json.dumps({"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lrs}) + "\n")
+            if trackers:
+                accelerator.log({"loss/current": r.loss, **{f"lr/{k}": v for k, v in r.lrs.items()}}, step=r.step)
+
+    # batches are built on a background thread in the loop's order (same random stream)
+    prefetch = BatchPrefetcher(loader, planned_jobs(batches, start_epoch, plan.epochs, skip, ga, global_step,
+                                                    plan.total_steps),
+                               pin_memory=device.type == "cuda" and cache is None)
     progress.__enter__()
     try:
         sample(0, 0)  # sample_at_first
@@ -380,13 +398,13 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                     continue  # consumed before the state was saved
                 # accelerate syncs every GA micro-batches and on the last batch of the epoch
                 sync = (i + 1) % ga == 0 or i == len(epoch_batches) - 1
-                batch = loader(indices, epoch, global_step)
+                batch = prefetch(indices, epoch, global_step)
                 with accelerator.no_sync(network) if not sync else nullcontext():
                     with accelerator.autocast():
                         if cache is not None:
                             latents = cache.batch(batch.indices, batch.flipped).to(device)
                         else:
-                            latents = encode(sd.vae, batch.pixels, family.latent_scaling_factor)
+                            latents = encode(sd.vae, to_device(batch.pixels, device), family.latent_scaling_factor)
                         with torch.set_grad_enabled(train_te):
                             cond = text_cache(batch.captions, device) if text_cache is not None else \
                                 conditioner.encode(batch.captions, device)
@@ -410,9 +428,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                 if not sync:
                     continue
                 if accelerator.num_processes > 1:
-                    for p in params:  # the network is not DDP-wrapped (its forward is the UNet's)
-                        if p.grad is not None:
-                            p.grad = accelerator.reduce(p.grad, "mean")
+                    # the network is not DDP-wrapped (its forward is the UNet's): one flat all-reduce per bucket
+                    average_gradients(accelerator.reduce, params)
                 if opt.max_grad_norm:
                     accelerator.clip_grad_norm_(params, opt.max_grad_norm)
                 optimizer.step()
@@ -422,18 +439,9 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                     network.apply_max_norm_regularization(net.scale_weight_norms, device)
                 global_step += 1
 
-                loss_value = loss.detach().item()
-                if not math.isfinite(loss_value):
-                    raise TrainingError(f"the loss became {loss_value} at step {global_step} (epoch {epoch}); "
-                                        "lower the learning rate or use fp32/bf16; earlier saves are kept")
-                lrs = current_lrs(optimizer, lr_scheduler)
-                progress.step(loss_value, next(iter(lrs.values()), 0.0), epoch)
-                if metrics:
-                    metrics.write(json.dumps({"step": global_step, "epoch": epoch, "loss": loss_value,
-                                              "lr": lrs}) + "\n")
-                if trackers:
-                    accelerator.log({"loss/current": loss_value, **{f"lr/{k}": v for k, v in lrs.items()}},
-                                    step=global_step)
+                losses.add(global_step, epoch, loss, current_lrs(optimizer, lr_scheduler))
+                if losses.due():
+                    report_losses()
                 status.write(step=global_step)
                 sample(global_step, None)
                 validate(global_step, epoch, at_epoch_end=False)
@@ -441,15 +449,17 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                     save("step", global_step, global_step, epoch - 1)  # sd-scripts records 0-based here
                 every = out.save_state_every_n_steps
                 if stop.requested or (every and global_step % every == 0):
+                    report_losses()
                     if metrics:
                         metrics.flush()
-                    save_state(accelerator, run_dir, TrainState(global_step, epoch, i + 1, loader.rng.getstate()),
+                    save_state(accelerator, run_dir, TrainState(global_step, epoch, i + 1, prefetch.rng_state),
                                out.save_last_n_states, state_bytes)
                 if stop.requested:
                     raise Interrupted(f"interrupted at step {global_step}; the state is saved: "
                                       f"loracli train --resume {run_dir}")
                 if global_step >= plan.total_steps:
                     break
+            report_losses()
             progress.epoch_done(epoch, plan.epochs, global_step, plan.total_steps)
             draw_curves()
             sample(global_step, epoch)
@@ -459,6 +469,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
             if global_step >= plan.total_steps:
                 break
     finally:
+        prefetch.close()
         progress.__exit__(None, None, None)
         if metrics:
             metrics.close()
