@@ -161,6 +161,9 @@ def _network(config: LoracliConfig, exp: Export, args: dict[str, Any]) -> None:
                          "target table: the transformer, ResNet and up/down-sampler blocks and the CLIP attention/MLP "
                          "layers), not LyCORIS' preset=full, which lycoris_lora 4.1.3 refuses on SD UNets")
         exp.notes.append("LyCORIS networks need `pip install lycoris_lora` in the sd-scripts environment")
+    elif net.conv_dim is not None:  # networks.lora with conv_dim: kohya's LoRA-C3Lier, as loracli trains it
+        items += [f"conv_dim={net.conv_dim}", f"conv_alpha={_number(net.conv_alpha if net.conv_alpha is not None else 1)}"]
+        _report_changed(net, ("factor", *LYCORIS_SWITCHES), exp)
     else:
         _report_changed(net, ("conv_dim", "conv_alpha", "factor", *LYCORIS_SWITCHES), exp)
     for key in ("rank_dropout", "module_dropout"):

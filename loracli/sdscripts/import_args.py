@@ -265,12 +265,11 @@ def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[st
     if module == "networks.lora":
         result.set("network.network_module", "networks.lora", mod_label)
         kohya_keys = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
-        if "conv_dim" in items:
-            result.set("network.algo", "locon", item_label("conv_dim"))
-            result.note("networks.lora with conv_dim (kohya's LoCon) is trained as LyCORIS LoCon (network.algo = "
-                        "\"locon\"): the same layers, files recorded as lycoris.kohya")
-        else:
-            result.set("network.algo", "lora", mod_label)
+        result.set("network.algo", "lora", mod_label)
+        if "conv_dim" in items and "conv_alpha" not in items:
+            # networks.lora's own default; LyCORIS would take alpha instead
+            result.set("network.conv_alpha", 1.0, item_label("conv_dim"))
+            result.note(f"{item_label('conv_dim')} without conv_alpha: sd-scripts' networks.lora uses conv_alpha 1")
         for key, text in items.items():
             label = item_label(key)
             if key in kohya_keys:

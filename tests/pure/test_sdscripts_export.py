@@ -165,14 +165,16 @@ def test_lycoris_algorithms_go_through_network_args(algo):
 def test_plain_lora_uses_networks_lora():
     flat = export_for([]).flat_args()
     assert flat["network_module"] == "networks.lora" and "network_args" not in flat
-    # lora through lycoris.kohya: LyCORIS would default conv_dim to network_dim and its preset=full wraps the
-    # ResNet 3x3 convs (lycoris/kohya.py create_network), which loracli's plain LoRA never trains; kohya's
-    # networks.lora wraps the same layers, so that is what is exported (with a warning), conv_dim reported.
+    # algo=lora with conv_dim is kohya's LoRA-C3Lier, which loracli's plain LoRA trains as networks.lora does:
+    # exported as networks.lora with conv_dim/conv_alpha (lycoris.kohya algo=lora would be LyCORIS' LoCon).
     exp = export_for(["locon"], ['network.algo="lora"'])
     flat = exp.flat_args()
-    assert flat["network_module"] == "networks.lora" and "network_args" not in flat
-    assert [key for key, _ in exp.unsupported] == ["network.conv_dim", "network.conv_alpha"]
+    assert flat["network_module"] == "networks.lora"
+    assert flat["network_args"] == ["conv_dim=8", "conv_alpha=1"] and not exp.unsupported
     assert any("exported as networks.lora" in w for w in exp.warnings)
+    # without conv_alpha, networks.lora's own default (1) is written out
+    plain = export_for([], ["network.conv_dim=4"]).flat_args()
+    assert plain["network_args"] == ["conv_dim=4", "conv_alpha=1"]
 
 
 def test_default_token_length_is_left_out():
@@ -231,15 +233,15 @@ def test_bucket_steps_not_divisible_by_64_are_refused(tmp_path):
 def test_unsupported_options_are_reported_not_dropped(tmp_path):
     out = tmp_path / "out"
     result = run_cli("export", "sd-scripts", "--config", EXAMPLE, "--set", "output.save_state_every_n_steps=10",
-                     "--set", "network.conv_dim=4", out)
+                     "--set", "training.vram_gb=8", out)
     assert result.exit_code == 0, result.output
     readme = (out / "README-export.txt").read_text()
-    for key in ("output.save_state_every_n_steps", "network.conv_dim"):
+    for key in ("output.save_state_every_n_steps", "training.vram_gb"):
         assert key in readme
         assert f"warning: {key}: not exported" in result.stderr
     written = tomllib.loads((out / "config.toml").read_text())
     flat = {k: v for section in written.values() for k, v in section.items()}
-    assert "save_state_every_n_steps" not in flat and "network_args" not in flat
+    assert "save_state_every_n_steps" not in flat and "vram_gb" not in flat
 
 
 def test_cli_writes_files_and_an_executable_script(tmp_path):

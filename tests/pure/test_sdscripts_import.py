@@ -200,7 +200,7 @@ def test_kohya_ss_locon_json(tmp_path):
 
 
 @pytest.mark.parametrize(("lora_type", "algo", "module"), [
-    ("Kohya LoCon", "locon", "networks.lora"),
+    ("Kohya LoCon", "lora", "networks.lora"),  # networks.lora + conv_dim: kohya's LoRA-C3Lier
     ("LyCORIS/LoHa", "loha", "lycoris.kohya"),
     ("LyCORIS/LoKr", "lokr", "lycoris.kohya"),
 ])
