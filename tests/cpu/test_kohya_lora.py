@@ -372,11 +372,11 @@ def test_parts_that_do_not_train_get_no_modules():
     assert te_only.unet_loras == [] and not any(k.startswith("lora_unet") for k in te_only.state_dict())
 
 
-@pytest.mark.parametrize("option", [dict(use_tucker=True), dict(use_scalar=True),
-                                    dict(extra_args={"train_norm": True})], ids=["use_tucker", "use_scalar", "train_norm"])
-def test_lycoris_only_switches_are_refused_not_ignored(option):
+@pytest.mark.parametrize("key,option", [("use_tucker", dict(use_tucker=True)), ("use_scalar", dict(use_scalar=True)),
+                                        ("train_norm", dict(extra_args={"train_norm": True}))])
+def test_lycoris_only_switches_are_refused_not_ignored(key, option):
     sd = tiny_sd15()
-    with pytest.raises(ConfigError, match=f"network.{next(iter(option.get('extra_args', option)))}.*LyCORIS"):
+    with pytest.raises(ConfigError, match=f"network.{key}: .*LyCORIS"):
         create_kohya_lora(NetworkSpec(algo="lora", dim=4, alpha=2, **option), [sd.text_encoder], sd.unet, SD1)
     network = create_kohya_lora(NetworkSpec(algo="lora", dim=4, alpha=2, extra_args={"train_norm": False}),
                                 [sd.text_encoder], sd.unet, SD1)  # switches left off are fine
