@@ -111,6 +111,11 @@ def ss_optimizer_string(cls: type, kwargs: Mapping[str, object]) -> str:
     return name
 
 
+def _all_on_cuda(param_groups: list[dict]) -> bool:
+    params = [p for g in param_groups for p in g["params"]]
+    return bool(params) and all(p.is_cuda for p in params)
+
+
 def build_optimizer(
     optimizer_type: str,
     param_groups: list[dict],
@@ -142,6 +147,8 @@ def build_optimizer(
             lr = None
             groups = [{k: v for k, v in g.items() if k != "lr"} for g in param_groups]
 
+    if canonical == "AdamW" and not {"fused", "foreach"} & set(kwargs) and _all_on_cuda(groups):
+        extra["fused"] = True  # one kernel for every tensor's update; not recorded, like nesterov above
     call_kwargs = {**kwargs, **extra}
     if lr is not None or canonical == "AdaFactor":
         call_kwargs["lr"] = lr

@@ -238,3 +238,25 @@ def test_plan_estimates_and_auto_batch_fills_the_limit(tmp_path, make_image):
 
     over = build_plan(resolve_config(cfg, overrides=[f"training.vram_gb={one / GIB / 2}"]))
     assert any(w["code"] == "W30" for w in over.warnings)
+
+
+def test_adamw_is_fused_on_cuda_and_steps_as_the_plain_one(monkeypatch):
+    from loracli.run import optim
+
+    torch.manual_seed(0)
+    start, grad = torch.randn(64), torch.randn(64)
+    plain_p = torch.nn.Parameter(start.clone())
+    plain, name = optim.build_optimizer("AdamW", [{"params": [plain_p], "lr": 1e-2}], 1e-2, {})
+    assert not plain.defaults.get("fused")  # CPU tensors: the default implementation
+    monkeypatch.setattr(optim, "_all_on_cuda", lambda groups: True)  # as if the network were on a GPU
+    fused_p = torch.nn.Parameter(start.clone())
+    fused, fused_name = optim.build_optimizer("AdamW", [{"params": [fused_p], "lr": 1e-2}], 1e-2, {})
+    assert fused.defaults["fused"] is True and fused_name == name  # ss_optimizer does not change
+    for _ in range(3):
+        for p, o in ((plain_p, plain), (fused_p, fused)):
+            p.grad = grad.clone()
+            o.step()
+    torch.testing.assert_close(fused_p.data, plain_p.data)
+    user, _ = optim.build_optimizer("AdamW", [{"params": [torch.nn.Parameter(start.clone())], "lr": 1e-2}], 1e-2,
+                                    {"foreach": False})
+    assert not user.defaults.get("fused")  # the user's own choice wins
