@@ -233,7 +233,9 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     if net.network_weights is not None:
         load_network_weights(network, net.network_weights)
     train_te = trains_text_encoder(config, len(sd.text_encoders))
-    _place_models(sd, network, device, weight_dtype, mixed_precision, config)
+    # with cached latents the UNet reaches the device after the cache is built (the VAE pass has it to itself)
+    unet_after_cache = ds.cache_latents or ds.cache_latents_to_disk
+    _place_models(sd, network, device, weight_dtype, mixed_precision, config, unet_on_device=not unet_after_cache)
     if tr.gradient_checkpointing:
         _enable_gradient_checkpointing(sd, train_te)
     network.train()
@@ -257,6 +259,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                    ds.vae_batch_size, tr.seed)
         log(f"latents cached: {cache.encoded} encoded, {cache.count_needed() - cache.encoded} read from disk")
         sd.vae.to("cpu")  # no longer needed on the device
+    if unet_after_cache:
+        sd.unet.to(device)
     loader = ExampleLoader(plan, ds, plan.total_steps, load_pixels_=cache is None, seed=tr.seed + 1)
     text_cache = _text_cache(config, plan, conditioner, device, log) if _caches_text(config) else None
     if text_cache is not None and not plan.sample_rounds:
@@ -511,11 +515,12 @@ def _forget_after(run_dir: Path, step: int) -> None:
 
 
 def _place_models(sd: SDComponents, network, device, weight_dtype, mixed_precision: str,
-                  config: LoracliConfig) -> None:
+                  config: LoracliConfig, unet_on_device: bool = True) -> None:
     """Frozen weights in the training dtype on the device; the VAE in fp32 under fp16 (it overflows)
-    or with no_half_vae; the network in fp32."""
+    or with no_half_vae; the network in fp32. unet_on_device=False casts the UNet but leaves it where it is."""
     vae_fp32 = mixed_precision == "fp16" or config.model.no_half_vae
-    for module in (sd.unet, *sd.text_encoders):
+    sd.unet.to(device if unet_on_device else None, dtype=weight_dtype)
+    for module in sd.text_encoders:
         module.to(device, dtype=weight_dtype)
     sd.vae.to(device, dtype=torch.float32 if vae_fp32 else weight_dtype)
     network.to(device)
