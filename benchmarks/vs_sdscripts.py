@@ -248,20 +248,21 @@ def print_table(summary: Summary, tools: list[str], cuda: bool, estimate_gib: fl
     return table
 
 
-def vram_estimate(config: Path) -> float | None:
-    """What `loracli plan` estimates for this config (None when the estimator is not there)."""
+def vram_estimate(config: Path, cache: Path) -> float | None:
+    """What `loracli plan` estimates for this config (None when it has no estimate)."""
+    from loracli.config.loader import resolve_config
+    from loracli.plan import build_plan
+
+    old = os.environ.get("LORACLI_CACHE")
+    os.environ["LORACLI_CACHE"] = str(cache)  # where the runs built the tiny model, if that is the model
     try:
-        from loracli.config.loader import load_config
-        from loracli.plan import build_plan
-    except ImportError:
-        return None
-    try:
-        config_obj = load_config(config)
-        plan = build_plan(config_obj)
-        vram = getattr(plan, "vram", None)
-        return vram["total_gib"] if vram else None
-    except Exception:  # noqa: BLE001 - the estimate is extra information here
-        return None
+        summary = build_plan(resolve_config(config)).vram
+    finally:
+        if old is None:
+            os.environ.pop("LORACLI_CACHE", None)
+        else:
+            os.environ["LORACLI_CACHE"] = old
+    return summary.get("total_gib") if summary else None
 
 
 def main() -> None:
@@ -349,7 +350,7 @@ def main() -> None:
                   f"{result.images_per_s:.3f} images/s, RSS {result.peak_rss_gib:.2f} GiB"
                   + (f", CUDA {result.cuda_peak_gib:.2f} GiB" if cuda else ""), flush=True)
     print()
-    table = print_table(summary, list(tools), cuda, vram_estimate(config))
+    table = print_table(summary, list(tools), cuda, vram_estimate(config, work / "cache"))
     if args.markdown:
         args.markdown.write_text(table + "\n")
     (work / "results.json").write_text(json.dumps([r.__dict__ for r in summary.results], indent=1))

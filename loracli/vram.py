@@ -323,8 +323,9 @@ def estimate(counts: ModelCounts, *, batch_size: int, bucket: tuple[int, int], m
 
     caching = 0
     if cache_latents:
-        # the caching pass: weights on the device, the VAE encoding vae_batch_size images, no training state
-        caching = unet_bytes + parts.get("text encoder weights", te_params * wbytes) + vae_bytes + int(
+        # the caching pass: the text encoders and the VAE on the device (the UNet comes after), the VAE
+        # encoding vae_batch_size images, no training state
+        caching = parts.get("text encoder weights", te_params * wbytes) + vae_bytes + int(
             vae_encode_elements(bucket[0] * bucket[1], counts.vae_width) * vae_batch_size * (2 if half and not no_half_vae else 4))
         if caching > total:
             notes.append("the peak is the latent-caching pass (VAE encoding), not the training step")
