@@ -88,6 +88,11 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
     ds, net, opt, tr, outp = config.dataset, config.network, config.optimizer, config.training, config.output
     optimizer = opt.optimizer_type
 
+    # E30: full_bf16 keeps the trained state in bf16, which only a bf16 run computes in (sd-scripts asserts it).
+    if tr.full_bf16 and tr.mixed_precision != "bf16":
+        out.append(Finding("error", "E30", "training.full_bf16",
+                           f'needs training.mixed_precision = "bf16" (now "{tr.mixed_precision}")',
+                           'set mixed_precision = "bf16", or remove full_bf16'))
     # E3: the adafactor schedule only exists for the Adafactor optimizer.
     if opt.lr_scheduler == "adafactor" and optimizer.lower() != "adafactor":
         out.append(Finding("error", "E3", "optimizer.lr_scheduler",

@@ -411,7 +411,7 @@ def estimate_for_config(config, counts: ModelCounts, bucket: tuple[int, int], ba
         train_unet=not net.network_train_text_encoder_only,
         train_text_encoder=trains_text_encoder(config, text_encoders), algo=net.algo, dim=net.dim,
         conv_dim=net.conv_dim, optimizer_type=config.optimizer.optimizer_type, vae_batch_size=ds.vae_batch_size,
-        no_half_vae=config.model.no_half_vae,
+        no_half_vae=config.model.no_half_vae, network_half=tr.full_bf16,
     )
 
 

@@ -271,6 +271,9 @@ class TrainingSection(Section):
     cache_text_encoder_outputs_to_disk: bool = Field(
         False, description="Also keep the text-encoder outputs on disk (implies cache_text_encoder_outputs)."
     )
+    full_bf16: bool = Field(
+        False, description='The network, its gradients and the optimizer state in bf16 (needs mixed_precision = '
+        '"bf16"), as sd-scripts\' --full_bf16: half their memory, less precise updates.')
     vram_gb: float | None = Field(
         None, gt=0, le=4096, description="GPU memory to plan for (GiB): `loracli plan` warns when its estimate "
         'is above it, and train_batch_size = "auto" fills it. Unset: the detected GPU\'s memory.')

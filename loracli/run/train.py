@@ -523,7 +523,7 @@ def _place_models(sd: SDComponents, network, device, weight_dtype, mixed_precisi
     for module in sd.text_encoders:
         module.to(device, dtype=weight_dtype)
     sd.vae.to(device, dtype=torch.float32 if vae_fp32 else weight_dtype)
-    network.to(device)
+    network.to(device, dtype=torch.bfloat16 if config.training.full_bf16 else None)  # full_bf16: state in bf16
 
 
 def _enable_gradient_checkpointing(sd: SDComponents, train_te: bool) -> None:

@@ -260,3 +260,48 @@ def test_adamw_is_fused_on_cuda_and_steps_as_the_plain_one(monkeypatch):
     user, _ = optim.build_optimizer("AdamW", [{"params": [torch.nn.Parameter(start.clone())], "lr": 1e-2}], 1e-2,
                                     {"foreach": False})
     assert not user.defaults.get("fused")  # the user's own choice wins
+
+
+def test_full_bf16_trains_with_the_network_and_adam_state_in_bf16(tmp_path, make_image, monkeypatch):
+    import json
+
+    from safetensors import safe_open
+
+    from loracli.config.loader import resolve_config as resolve
+    from loracli.rundir import create_run_dir, write_run_files
+    from loracli.run import train as train_module
+
+    for i in range(4):
+        make_image(tmp_path / "data" / "2_a" / f"{i}.png", 64, 64, color=(i * 50, 30, 90))
+        (tmp_path / "data" / "2_a" / f"{i}.txt").write_text("a red square")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\npretrained_model_name_or_path = "tiny:sd15"\n[dataset]\ntrain_data_dir = "data"\n'
+                   'resolution = 64\ncache_latents = true\n[training]\nmax_train_steps = 3\nseed = 1\n'
+                   'mixed_precision = "bf16"\nfull_bf16 = true\n[optimizer]\nlearning_rate = 1e-3\n'
+                   f'[output]\noutput_dir = "{tmp_path / "runs"}"\n')
+    resolved = resolve(cfg)
+    plan = build_plan(resolved)
+    run_dir = create_run_dir(resolved.config)
+    write_run_files(run_dir, resolved, plan, ["test"])
+    states = []
+    real_build = train_module.build_optimizer
+
+    def spy(*args, **kwargs):
+        optimizer, name = real_build(*args, **kwargs)
+        states.append(optimizer)
+        return optimizer, name
+
+    monkeypatch.setattr(train_module, "build_optimizer", spy)
+    final = train_module.train(run_dir)
+    params = [p for g in states[0].param_groups for p in g["params"]]
+    assert params and all(p.dtype == torch.bfloat16 for p in params)
+    moments = [t for s in states[0].state.values() for k, t in s.items() if k.startswith("exp_avg")]
+    assert moments and all(t.dtype == torch.bfloat16 for t in moments)
+    with safe_open(str(final), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith("weight")} == {torch.bfloat16}
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(0 < v < 10 for v in losses)
+
+    cfg.write_text(cfg.read_text().replace('mixed_precision = "bf16"', 'mixed_precision = "no"'))
+    with pytest.raises(Exception, match="E30"):
+        build_plan(resolve(cfg))
