@@ -301,6 +301,7 @@ MAPPINGS: tuple[KeyMapping, ...] = tuple(
         KeyMapping("training.num_processes", accelerate="num_processes",
                    note="accelerate launch --num_processes N (with --multi_gpu when N > 1)"),
         KeyMapping("training.vram_gb", unsupported="loracli's VRAM estimate; sd-scripts has no such option"),
+        KeyMapping("training.full_bf16", arg="full_bf16"),
         KeyMapping("training.cache_text_encoder_outputs", arg="cache_text_encoder_outputs",
                    only_script=SDXL_TRAIN_NETWORK,
                    unsupported="train_network.py (SD1.x/2.x) has no --cache_text_encoder_outputs; only the SDXL "
