@@ -25,8 +25,8 @@ def test_run_folder_has_exactly_the_planned_files(smoke_project):
     plan = json.loads((run / "plan.json").read_text())
     assert plan["expected_files"] == ["smoke-000001.safetensors", "smoke-000002.safetensors", "smoke.safetensors"]
     names = sorted(p.name for p in run.iterdir())
-    assert names == sorted(["config.resolved.toml", "plan.json", "run.json", "status.json", "metrics.jsonl",
-                            "loss.png", "lr.png", *plan["expected_files"]])
+    assert names == sorted([".lock", "config.resolved.toml", "plan.json", "run.json", "status.json",  # .lock: the
+                            "metrics.jsonl", "loss.png", "lr.png", *plan["expected_files"]])  # run lock (rundir)
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == plan["total_steps"]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
