@@ -9,22 +9,9 @@ import torch
 from loracli.family import SD1, SDXL
 from loracli.run.kohya_lora import create_kohya_lora
 from loracli.run.network import NetworkSpec
-from loracli.run.shapes import clip_l_text_config, sd15_unet_config
+from loracli.run.shapes import bigg_text_config, clip_l_text_config, sd15_unet_config, sdxl_unet_config
 
 pytestmark = pytest.mark.slow
-
-SDXL_UNET = {
-    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048, "use_linear_projection": True,
-    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
-BIGG_TEXT = {**clip_l_text_config(), "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-             "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"}
-
 
 def _on_meta(build):
     with torch.device("meta"):
@@ -43,9 +30,9 @@ def sdxl():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return _on_meta(lambda: (UNet2DConditionModel(**SDXL_UNET),
+    return _on_meta(lambda: (UNet2DConditionModel(**sdxl_unet_config()),
                              [CLIPTextModel(CLIPTextConfig(**clip_l_text_config())),
-                              CLIPTextModelWithProjection(CLIPTextConfig(**BIGG_TEXT))]))
+                              CLIPTextModelWithProjection(CLIPTextConfig(**bigg_text_config()))]))
 
 
 def test_sd15_counts_names_and_parameters():
