@@ -166,7 +166,9 @@ class NetworkSection(Section):
     algo: Literal["lora", "locon", "loha", "lokr"] = Field("lora", description="LoRA or a LyCORIS algorithm.")
     network_dim: int | None = Field(None, ge=1, le=MAX_COUNT, description="Rank (4 when unset, as sd-scripts).")
     network_alpha: float = Field(1.0, ge=0, description="Alpha; scale = alpha / dim (0 means alpha = dim).")
-    conv_dim: int | None = Field(None, ge=1, le=MAX_COUNT, description="Rank of 3x3 conv layers (LoCon/LoHa/LoKr).")
+    conv_dim: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="Rank of 3x3 conv layers (LoCon/LoHa/LoKr; with plain LoRA: kohya's "
+        "LoRA-C3Lier, conv_alpha 1 unless set).")
     conv_alpha: float | None = Field(None, ge=0)
     lycoris_preset: Literal["full"] = Field(
         "full", description="LyCORIS target preset; 'full' = kohya's targets for the algorithm."
@@ -262,6 +264,20 @@ class TrainingSection(Section):
     multires_noise_iterations: int | None = Field(None, ge=1, le=64)
     multires_noise_discount: float = Field(0.3, gt=0, le=1)
     min_snr_gamma: float | None = Field(None, gt=0)
+    ip_noise_gamma: float | None = Field(
+        None, ge=0, le=10, description="Input perturbation: extra noise of this strength on the noised latents (0.1).")
+    ip_noise_gamma_random_strength: bool = Field(False, description="Scale ip_noise_gamma by a U(0,1) draw per batch.")
+    debiased_estimation_loss: bool = Field(False, description="Weight the loss by 1/sqrt(SNR) (v-pred: 1/(SNR+1)).")
+    scale_v_pred_loss_like_noise_pred: bool = Field(
+        False, description="v-prediction: scale the loss by SNR/(SNR+1), like a noise-prediction loss.")
+    v_pred_like_loss: float | None = Field(
+        None, ge=0, le=10, description="Add this much of a v-prediction-like loss (loss·(SNR+1)/SNR).")
+    zero_terminal_snr: bool = Field(False, description="Rescale the noise schedule so the last step is pure noise.")
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field(
+        "l2", description="l2 (MSE), l1, or pseudo-Huber (huber, smooth_l1) with huber_schedule/huber_c.")
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"
+    huber_c: float = Field(0.1, gt=0, le=1, description="Huber threshold (its value at the last step, or floor).")
+    huber_scale: float = Field(1.0, gt=0, le=100, description="Scales huber_c (constant, exponential schedules).")
     min_timestep: int | None = Field(None, ge=0, le=1000)
     max_timestep: int | None = Field(None, ge=1, le=1000)
     prior_loss_weight: float = Field(1.0, ge=0)

@@ -49,11 +49,19 @@ from loracli.run.optim import adafactor_uses_relative_step, build_optimizer, bui
 from loracli.run.prefetch import BatchPrefetcher, planned_jobs, to_device
 from loracli.run.progress import TrainingProgress, loading_model_line, quiet_third_party, run_summary
 from loracli.run.sampling import SampleMaker
-from loracli.run.saving import atomic_save_safetensors, cast_for_save
+from loracli.run.saving import atomic_save_safetensors, cast_for_save, save_failure
 from loracli.run.state import TrainState, load_latest_state, loader_rng_state, save_state
-from loracli.run.step import compute_target, diffusion_loss, sample_noise, sample_timesteps
-from loracli.run.step_sync import LossWatch, average_gradients, loss_check_interval
+from loracli.run.step import (
+    LossOptions,
+    compute_target,
+    diffusion_loss,
+    enforce_zero_terminal_snr,
+    input_perturbation,
+    sample_noise,
+    sample_timesteps,
+)
 from loracli.run.validation import Validator, due_after_epoch, due_after_step, run_validation
+from loracli.run.step_sync import LossWatch, average_gradients, loss_check_interval
 from loracli.rundir import atomic_write_json, atomic_write_text
 from loracli.sample_prompts import read_prompt_file, round_label
 from loracli.schedule import epoch_file_name, final_file_name, kept_after_pruning, step_file_name
@@ -160,7 +168,10 @@ def train(run_dir: Path, resume: bool = False) -> Path:
         status.write(state="failed", error=message)
         raise TrainingError(message) from None
     except Exception as exc:
-        status.write(state="failed", error=f"{type(exc).__name__}: {exc}")
+        try:
+            status.write(state="failed", error=f"{type(exc).__name__}: {exc}")
+        except OSError:  # a full disk must not replace the original error
+            pass
         raise
     finally:
         for sig, handler in previous.items():
@@ -240,6 +251,10 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         _enable_gradient_checkpointing(sd, train_te)
     network.train()
     conditioner = conditioner_for(sd, ds.max_token_length, config.model.clip_skip)
+    if tr.zero_terminal_snr:
+        enforce_zero_terminal_snr(sd.noise_scheduler)
+    loss_options = LossOptions(tr.loss_type, tr.huber_schedule, tr.huber_c, tr.huber_scale,
+                               tr.scale_v_pred_loss_like_noise_pred, tr.v_pred_like_loss, tr.debiased_estimation_loss)
     # the held-out images' latents, noise and timesteps, fixed now (the VAE may leave the device below)
     validator = Validator(plan, config, sd, conditioner, family.latent_scaling_factor, device, _caches_text(config)) \
         if getattr(plan, "validation_images", None) and main_process else None
@@ -324,10 +339,23 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         # modelspec.date is the time of this save, as sd-scripts stamps each file
         modelspec = modelspec_metadata(config, family, title=out.output_name, resolution=ds.resolution_wh,
                                        timestamp=time.time())
-        atomic_save_safetensors(tensors, assemble_file_metadata(meta, modelspec, tensors), run_dir / name)
+        try:
+            atomic_save_safetensors(tensors, assemble_file_metadata(meta, modelspec, tensors), run_dir / name)
+        except OSError as exc:  # a full disk: keep what can be resumed, then say how
+            raise save_failure(exc, run_dir / name, run_dir, state_after_failed_save()) from None
         status.write(last_save=name)
         if kind in saved:
             _prune(run_dir, kind, number, saved[kind], config)
+
+    def state_after_failed_save() -> Path | None:
+        """The training state, saved when a LoRA file could not be (None when that fails too)."""
+        if accelerator.num_processes != 1:  # save_state waits for every process; the others are not here
+            return None
+        try:
+            return save_state(accelerator, run_dir, TrainState(*position, prefetch.rng_state),
+                              out.save_last_n_states, state_bytes)
+        except (OSError, TrainingError):
+            return None
 
     # --- sample images at the plan's rounds (made by the main process; the others wait)
     sample_rounds = {r["label"]: r for r in plan.sample_rounds}
@@ -357,6 +385,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
 
     def validate(step: int, epoch: int, at_epoch_end: bool) -> None:
         """The validation loss when the plan holds images out and a round is due (run/validation.py)."""
+        if validator is not None and (due_after_epoch(config, epoch) if at_epoch_end else due_after_step(config, step)):
+            report_losses()  # the trackers (wandb) must see the steps in order
         run_validation(validator, config, step, epoch, at_epoch_end, network, accelerator.autocast, weight_dtype,
                        metrics, accelerator, trackers, log)
 
@@ -391,6 +421,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     prefetch = BatchPrefetcher(loader, planned_jobs(batches, start_epoch, plan.epochs, skip, ga, global_step,
                                                     plan.total_steps),
                                pin_memory=device.type == "cuda" and cache is None)
+    position = (global_step, start_epoch, skip)
     progress.__enter__()
     try:
         sample(0, 0)  # sample_at_first
@@ -417,7 +448,9 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                                              tr.multires_noise_discount)
                         timesteps = sample_timesteps(latents.shape[0], tr.min_timestep, tr.max_timestep,
                                                      num_timesteps, device, None)
-                        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                        noisy = noise_scheduler.add_noise(
+                            latents, input_perturbation(latents, noise, tr.ip_noise_gamma,
+                                                        tr.ip_noise_gamma_random_strength), timesteps)
                         images = [plan.images[i] for i in batch.indices]
                         unet_inputs = conditioner.unet_kwargs(cond, [im.size for im in images],
                                                               [im.bucket for im in images], batch.flipped,
@@ -427,7 +460,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                                                 config.model.v_parameterization)
                         weights = torch.where(batch.is_reg.to(device), tr.prior_loss_weight, 1.0)
                         loss = diffusion_loss(pred.float(), target.float(), timesteps, noise_scheduler, weights,
-                                              tr.min_snr_gamma, config.model.v_parameterization)
+                                              tr.min_snr_gamma, config.model.v_parameterization, loss_options)
                     accelerator.backward(loss / ga)
                 if not sync:
                     continue
@@ -442,6 +475,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                 if net.scale_weight_norms:
                     network.apply_max_norm_regularization(net.scale_weight_norms, device)
                 global_step += 1
+                position = (global_step, epoch, i + 1)  # what a state saved now would resume from
 
                 losses.add(global_step, epoch, loss, current_lrs(optimizer, lr_scheduler))
                 if losses.due():
