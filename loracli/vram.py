@@ -307,6 +307,11 @@ def estimate(counts: ModelCounts, *, batch_size: int, bucket: tuple[int, int], m
         notes.append(f"optimizer state of {optimizer_type} assumed to be AdamW's (2 moments)")
     parts["optimizer state"] = int(trained * state * (pbytes / 4))
 
+    if algo in ("locon", "loha", "lokr"):
+        # LyCORIS rebuilds each targeted weight (W + ΔW) every forward and autograd keeps it for backward
+        rebuilt = (counts.unet_targets + counts.unet_conv_targets) if train_unet else []
+        rebuilt = rebuilt + (counts.text_targets if train_text_encoder else [])
+        parts["rebuilt weights (LyCORIS)"] = sum(cin * cout * k * k for cin, cout, k in rebuilt) * wbytes
     lat = (bucket[1] // 8, bucket[0] // 8)
     act_factor = HALF_ACTIVATION_FACTOR if half else 1.0
     per_sample = unet_activation_elements(counts.unet_config, lat, gradient_checkpointing, math_attention)
