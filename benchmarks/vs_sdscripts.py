@@ -60,6 +60,7 @@ class RunResult:
     tool: str
     first_step_s: float
     images_per_s: float
+    median_step_s: float  # the median steady-state step: robust to one slow step
     peak_rss_gib: float
     cuda_peak_gib: float
     steps: int
@@ -195,7 +196,8 @@ def run_measured(tool: str, cmd: list[str], cwd: Path, env: dict[str, str], log_
     times = [float(r[0]) for r in rows]
     steady = times[warmup_steps:]
     images_per_s = batch * (len(steady) - 1) / (steady[-1] - steady[0])
-    return RunResult(tool, times[0] - started, images_per_s, max(int(r[1]) for r in rows) / 2**20,
+    median_step = statistics.median(b - a for a, b in zip(steady, steady[1:]))
+    return RunResult(tool, times[0] - started, images_per_s, median_step, max(int(r[1]) for r in rows) / 2**20,
                      max(int(r[2]) for r in rows) / 2**30, len(rows))
 
 
@@ -221,13 +223,15 @@ def fmt_range(values: list[float], digits: int = 2) -> str:
 def print_table(summary: Summary, tools: list[str], cuda: bool, estimate_gib: float | None) -> str:
     lines = []
     memory = "CUDA max_memory_allocated GiB (max)" if cuda else "peak RSS GiB (max)"
-    header = f"| tool | runs | first step s (min / median) | images/s (min / median) | {memory} |"
-    lines += [header, "|" + "---|" * 5]
+    header = (f"| tool | runs | first step s (min / median) | images/s (min / median) | median step s | "
+              f"{memory} |")
+    lines += [header, "|" + "---|" * 6]
     for tool in tools:
         rs = summary.of(tool)
         mem = max((r.cuda_peak_gib if cuda else r.peak_rss_gib) for r in rs)
         lines.append(f"| {tool} | {len(rs)} | {fmt_range([r.first_step_s for r in rs], 1)} | "
-                     f"{fmt_range([r.images_per_s for r in rs], 3)} | {mem:.2f} |")
+                     f"{fmt_range([r.images_per_s for r in rs], 3)} | "
+                     f"{statistics.median(r.median_step_s for r in rs):.2f} | {mem:.2f} |")
     if len(tools) == 2:
         a, b = summary.of(tools[0]), summary.of(tools[1])
         ips = (min(r.images_per_s for r in a) / min(r.images_per_s for r in b),
@@ -235,8 +239,9 @@ def print_table(summary: Summary, tools: list[str], cuda: bool, estimate_gib: fl
         first = statistics.median(r.first_step_s for r in a) / statistics.median(r.first_step_s for r in b)
         mem_a = max((r.cuda_peak_gib if cuda else r.peak_rss_gib) for r in a)
         mem_b = max((r.cuda_peak_gib if cuda else r.peak_rss_gib) for r in b)
+        step = statistics.median(r.median_step_s for r in a) / statistics.median(r.median_step_s for r in b)
         lines.append(f"| ratio loracli / sd-scripts | | {first:.2f} (median) | {ips[0]:.2f} / {ips[1]:.2f} | "
-                     f"{mem_a / mem_b:.2f} |")
+                     f"{step:.2f} | {mem_a / mem_b:.2f} |")
     if estimate_gib is not None:
         measured = max(r.cuda_peak_gib for r in summary.of("loracli")) if cuda else None
         lines.append("")
@@ -347,7 +352,7 @@ def main() -> None:
                                   args.warmup_steps)
             summary.results.append(result)
             print(f"  round {index + 1} {tool}: first step {result.first_step_s:.1f} s, "
-                  f"{result.images_per_s:.3f} images/s, RSS {result.peak_rss_gib:.2f} GiB"
+                  f"{result.images_per_s:.3f} images/s, median step {result.median_step_s:.2f} s, RSS {result.peak_rss_gib:.2f} GiB"
                   + (f", CUDA {result.cuda_peak_gib:.2f} GiB" if cuda else ""), flush=True)
     print()
     table = print_table(summary, list(tools), cuda, vram_estimate(config, work / "cache"))
