@@ -28,6 +28,7 @@ from loracli.run.checkpoint import (
     _first_line,
     _indices,
     _where,
+    scheduler_config,
     unet_config,
     vae_config,
 )
@@ -128,7 +129,7 @@ def _nest(model_cls: Any, config: Any, state: dict[str, Any]) -> dict[str, Any]:
 
 def load_sdxl_single_file(path: Path, shapes: dict[str, tuple[int, ...]], checkpoint: dict[str, Any] | None,
                           *, v2: bool = False, sdxl: bool | None = None) -> SingleFileModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -158,4 +159,5 @@ def load_sdxl_single_file(path: Path, shapes: dict[str, tuple[int, ...]], checkp
     te2 = _build(lambda _c: CLIPTextModelWithProjection(t2), {}, _nest(CLIPTextModelWithProjection, t2, state2),
                  "text encoder 2", path)
     tokenizers = [load_clip_tokenizer(False), load_clip_tokenizer(True)]  # the second pads with "!", as SDXL's
-    return SingleFileModel(tokenizers, [te1, te2], vae, unet, None, "sdxl")
+    # SDXL shares SD1's noise schedule (scaled_linear 0.00085-0.012, 1000 steps, epsilon)
+    return SingleFileModel(tokenizers, [te1, te2], vae, unet, DDPMScheduler.from_config(scheduler_config(False)), "sdxl")
