@@ -118,6 +118,20 @@ def is_sdxl(shapes: dict[str, tuple[int, ...]]) -> bool:
     return any(k.startswith("conditioner.embedders.") for k in shapes) or f"{UNET}label_emb.0.0.weight" in shapes
 
 
+def check_text_to_image_unet(shapes: dict[str, tuple[int, ...]], path: Path, family: str) -> None:
+    """The UNet takes 4 latent channels: a missing input conv or an inpainting-style UNet is one line."""
+    conv_in = shapes.get(f"{UNET}input_blocks.0.0.weight")
+    if conv_in is None or len(conv_in) != 4:
+        raise DatasetError(Problem(_where(path), "the UNet has no input_blocks.0.0 convolution",
+                                   f"the file is incomplete or not an {family} model"))
+    if conv_in[1] != 4:
+        inpainting = "an SDXL inpainting model" if family == "SDXL" else "an inpainting model"
+        kind = inpainting if conv_in[1] == 9 else f"a model whose UNet takes {conv_in[1]} channels"
+        raise ConfigError(Problem(_where(path), f"this is {kind} (UNet in_channels {conv_in[1]}, expected 4)",
+                                  "train LoRAs on the text-to-image base model; they also load on its "
+                                  "inpainting variant"))
+
+
 def detect(shapes: dict[str, tuple[int, ...]], path: Path, v2: bool) -> str:
     """'sd1' or 'sd2', or a one-line error naming what the file is and what to do (SDXL files go to
     loracli.run.checkpoint_sdxl before this)."""
@@ -130,15 +144,7 @@ def detect(shapes: dict[str, tuple[int, ...]], path: Path, v2: bool) -> str:
     if not any(k.startswith(UNET) for k in keys):
         raise DatasetError(Problem(_where(path), f"not a Stable Diffusion checkpoint ({_describe_other(keys)})",
                                    "give an SD1.x/2.x single-file checkpoint or a diffusers folder"))
-    conv_in = shapes.get(f"{UNET}input_blocks.0.0.weight")
-    if conv_in is None or len(conv_in) != 4:
-        raise DatasetError(Problem(_where(path), "the UNet has no input_blocks.0.0 convolution",
-                                   "the file is incomplete or not an SD1.x/2.x model"))
-    if conv_in[1] != 4:
-        kind = "an inpainting model" if conv_in[1] == 9 else f"a model whose UNet takes {conv_in[1]} channels"
-        raise ConfigError(Problem(_where(path), f"this is {kind} (UNet in_channels {conv_in[1]}, expected 4)",
-                                  "train LoRAs on the text-to-image base model; they also load on its "
-                                  "inpainting variant"))
+    check_text_to_image_unet(shapes, path, "SD1.x/2.x")
     if not any(k.startswith(VAE) for k in keys):
         raise DatasetError(Problem(_where(path), "the checkpoint holds no VAE (first_stage_model.* keys)",
                                    "use a full checkpoint (UNet, VAE and text encoder in one file)"))

@@ -28,6 +28,7 @@ from loracli.run.checkpoint import (
     _first_line,
     _indices,
     _where,
+    check_text_to_image_unet,
     scheduler_config,
     unet_config,
     vae_config,
@@ -49,15 +50,7 @@ def check_sdxl(shapes: dict[str, tuple[int, ...]], path: Path, v2: bool, sdxl: b
     if has(REFINER_TE) and not has(TE1):
         raise ConfigError(Problem(_where(path), "this is an SDXL refiner checkpoint (OpenCLIP bigG only, no CLIP-L)",
                                   "train LoRAs on the SDXL base model or a fine-tune of it"))
-    conv_in = shapes.get(f"{UNET}input_blocks.0.0.weight")
-    if conv_in is None or len(conv_in) != 4:
-        raise DatasetError(Problem(_where(path), "the UNet has no input_blocks.0.0 convolution",
-                                   "the file is incomplete or not an SDXL model"))
-    if conv_in[1] != 4:
-        kind = "an SDXL inpainting model" if conv_in[1] == 9 else f"a model whose UNet takes {conv_in[1]} channels"
-        raise ConfigError(Problem(_where(path), f"this is {kind} (UNet in_channels {conv_in[1]}, expected 4)",
-                                  "train LoRAs on the text-to-image base model; they also load on its "
-                                  "inpainting variant"))
+    check_text_to_image_unet(shapes, path, "SDXL")
     for prefix, what in ((VAE, "VAE (first_stage_model.*)"), (TE1, "CLIP-L text encoder (conditioner.embedders.0)"),
                          (TE2, "OpenCLIP bigG text encoder (conditioner.embedders.1)")):
         if not has(prefix):

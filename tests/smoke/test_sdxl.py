@@ -11,35 +11,15 @@ import torch
 from safetensors import safe_open
 
 from tests.pure.cli_helpers import run_cli
+from tests.smoke.conftest import CONFIG as SMOKE_CONFIG
 from tests.smoke.conftest import make_smoke_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CONFIG = """
-[model]
-pretrained_model_name_or_path = "tiny:sdxl"
-[dataset]
-train_data_dir = "data"
-resolution = 64
-enable_bucket = true
-min_bucket_reso = 64
-max_bucket_reso = 128
-bucket_reso_steps = 32
-caption_extension = ".txt"
-[network]
-network_dim = 4
-network_alpha = 4
-[optimizer]
-optimizer_type = "AdamW"
-learning_rate = 1e-3
-[training]
-max_train_epochs = 2
-train_batch_size = 2
-seed = 1
-[output]
-output_name = "sx"
-output_dir = "runs"
-"""
+# the SD1 smoke config on tiny:sdxl, with SDXL's 32-pixel bucket steps
+CONFIG = (SMOKE_CONFIG.replace('"tiny:sd15"', '"tiny:sdxl"')
+          .replace("max_bucket_reso = 128\n", "max_bucket_reso = 128\nbucket_reso_steps = 32\n")
+          .replace('output_name = "smoke"', 'output_name = "sx"').replace("max_train_epochs = 3", "max_train_epochs = 2"))
 
 
 def _sai_attention_block(path: str) -> tuple[str, str] | None:
