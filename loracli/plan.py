@@ -36,6 +36,7 @@ from loracli.model_probe import probe_model, resolve_family
 from loracli.sample_prompts import round_label
 from loracli.vram import plan_memory
 from loracli.validation_split import Holdout, split_seed, validation_findings, validation_timesteps
+from loracli.scheduler_check import schedule_findings
 from loracli.schedule import (
     Schedule,
     compute_schedule,
@@ -245,6 +246,7 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
     findings += lint_data(config, scan, schedule, buckets)
     findings += validation_findings(config, holdout)
     findings += memory.findings
+    findings += schedule_findings(config, probe.path, probe.kind)
     _raise_errors(findings)
 
     warmup = resolve_warmup_steps(config.optimizer.lr_warmup_steps, schedule.total_steps, tr.num_processes)
