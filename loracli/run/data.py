@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loracli.captions import CaptionOptions, process_caption
+from loracli.captions import CaptionOptions, caption_as_read, process_caption
 from loracli.dataset.images import load_rgb
 from loracli.config.schema import DatasetSection
 from loracli.errors import DatasetError, Problem
 from loracli.plan import Plan, PlannedImage
+from loracli.run.augment import color_augment
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ def caption_options(ds: DatasetSection) -> CaptionOptions:
         caption_tag_dropout_rate=ds.caption_tag_dropout_rate,
         token_warmup_min=ds.token_warmup_min,
         token_warmup_step=ds.token_warmup_step,
+        enable_wildcard=ds.enable_wildcard,
     )
 
 
@@ -78,13 +80,6 @@ def _load_pixels(image: PlannedImage, random_crop: bool, rng: random.Random) -> 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """HWC uint8 → CHW float in [-1, 1], what the VAE expects."""
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
-
-
-def color_augment(pixels: np.ndarray, rng: random.Random) -> np.ndarray:
-    """A random hue shift (sd-scripts' color_aug), applied in HSV space."""
-    hsv = np.asarray(Image.fromarray(pixels).convert("HSV")).copy()
-    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + rng.randint(-8, 8)) % 256
-    return np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB"))
 
 
 class BucketBatches:
@@ -143,7 +138,8 @@ class ExampleLoader:
     def __call__(self, indices: list[int], epoch: int, step: int) -> Batch:
         images = [self.plan.images[i] for i in indices]
         flipped = [self.ds.flip_aug and self.rng.random() < 0.5 for _ in images]
-        captions = [process_caption(im.caption, self.opts, epoch, step, self.total_steps, self.rng) for im in images]
+        captions = [process_caption(caption_as_read(im.caption, im.caption_lines, self.opts.enable_wildcard),
+                                    self.opts, epoch, step, self.total_steps, self.rng) for im in images]
         pixels = None
         if self.load_pixels:
             arrays = []
