@@ -26,7 +26,7 @@ from loracli.buckets import (
     mean_ar_error,
 )
 from loracli.config.loader import ResolvedConfig
-from loracli.config.schema import LoracliConfig
+from loracli.config.schema import DatasetSection, LoracliConfig
 from loracli.dataset.scan import DatasetScan, scan_dataset
 from loracli.errors import ConfigError, DatasetError, Problem
 from loracli.family import ModelFamily
@@ -64,7 +64,10 @@ class PlannedImage:
     is_reg: bool
     caption: str
     caption_source: str
-    subset: str  # the <repeats>_<name> folder
+    subset: str  # the <repeats>_<name> folder (or the subset's image_dir name)
+    caption_lines: tuple[str, ...] = ()  # a multi-line caption file's lines (enable_wildcard picks one per use)
+    dataset: int = 0  # index into [[datasets]] (0 in the folder form)
+    subset_index: int | None = None  # index into that dataset's subsets; None in the folder form
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ class Plan:
     validation_images: list[PlannedImage] = field(default_factory=list)
     validation_seed: int | None = None
     validation_timesteps: list[int] = field(default_factory=list)
+    # [[datasets]]: per dataset its batch size, resolution, bucket options, counts, buckets and subsets
+    # (PlannedDatasets.summaries); empty in the folder form
+    datasets: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,7 +130,8 @@ class Plan:
         fields = dict(data)
         for key in ("images", "validation_images"):
             fields[key] = [
-                PlannedImage(**{**i, **{k: tuple(i[k]) for k in ("size", "bucket", "resized", "crop_offset")}})
+                PlannedImage(**{**i, **{k: tuple(i[k]) for k in ("size", "bucket", "resized", "crop_offset",
+                                                                  "caption_lines") if k in i}})
                 for i in data.get(key, [])
             ]
         return cls(**fields)
@@ -142,9 +149,8 @@ def _raise_errors(findings: list[Finding]) -> None:
         raise ConfigError([Problem(f.key, f"[{f.code}] {f.message}", f.hint) for f in errors])
 
 
-def _assigner(config: LoracliConfig, notes: list[str]):
+def _assigner(ds: DatasetSection, notes: list[str]):
     """The function that puts one image size into its bucket, per the dataset options."""
-    ds = config.dataset
     resolution = ds.resolution_wh
     if not ds.enable_bucket:
         return lambda size: assign_fixed(size, resolution)
@@ -174,6 +180,7 @@ def _assign_all(scan: DatasetScan, assign) -> tuple[list[PlannedImage], list[flo
                 path=str(image.path), size=image.size, bucket=a.bucket, resized=a.resized,
                 crop_offset=a.crop_offset, repeats=image.repeats, is_reg=subset.is_reg,
                 caption=image.caption, caption_source=image.caption_source, subset=subset.path.name,
+                caption_lines=image.caption_lines, dataset=subset.dataset, subset_index=subset.index,
             ))
     if problems:
         raise DatasetError(problems)
@@ -221,25 +228,33 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
     if weights is not None:
         _raise_errors(lint_network_weights(config, family))
     holdout = Holdout(ds.validation_split, split_seed(config))
-    scan = scan_dataset(ds.train_data_dir, ds.reg_data_dir, ds.caption_extension, holdout=holdout)
-
     notes: list[str] = []
-    assign = _assigner(config, notes)
-    planned, ar_errors = _assign_all(scan, assign)
-    held_out, _ = _assign_all(replace(scan, subsets=tuple(holdout.held_out_subsets())), assign)
-    counts: Counter[tuple[int, int]] = Counter()
-    for image in planned:
-        counts[image.bucket] += image.repeats
-    # the VRAM estimate; train_batch_size = "auto" becomes a number here (resolved.config is updated)
-    config, memory = plan_memory(resolved, probe.path, probe.kind, family, list(counts),
-                                 max(counts.values(), default=1))
+    if config.datasets:
+        sets = plan_datasets(resolved, holdout, notes)
+        scan, planned, held_out, ar_errors = sets.scan, sets.images, sets.held_out, sets.ar_errors
+        # the VRAM estimate; train_batch_size = "auto" becomes a number here (resolved.config is updated)
+        config, memory = plan_memory(resolved, probe.path, probe.kind, family, sets.bucket_sizes,
+                                     sets.largest_bucket, sets.batch_sizes)
+        dataset_summaries, buckets = sets.summaries(config)
+    else:
+        scan = scan_dataset(ds.train_data_dir, ds.reg_data_dir, ds.caption_extension, holdout=holdout)
+        assign = _assigner(ds, notes)
+        planned, ar_errors = _assign_all(scan, assign)
+        held_out, _ = _assign_all(replace(scan, subsets=tuple(holdout.held_out_subsets())), assign)
+        counts: Counter[tuple[int, int]] = Counter()
+        for image in planned:
+            counts[image.bucket] += image.repeats
+        # the VRAM estimate; train_batch_size = "auto" becomes a number here (resolved.config is updated)
+        config, memory = plan_memory(resolved, probe.path, probe.kind, family, list(counts),
+                                     max(counts.values(), default=1))
+        batches = count_batches(dict(counts), config.training.train_batch_size)
+        buckets = [
+            {"resolution": list(b), "count": counts[b], "batches": batches[b]} for b in sorted(counts)
+        ]
+        dataset_summaries = []
     ds, tr = config.dataset, config.training
-    batches = count_batches(dict(counts), tr.train_batch_size)
-    buckets = [
-        {"resolution": list(b), "count": counts[b], "batches": batches[b]} for b in sorted(counts)
-    ]
     try:
-        schedule = compute_schedule(sum(batches.values()), tr.num_processes, tr.gradient_accumulation_steps,
+        schedule = compute_schedule(sum(b["batches"] for b in buckets), tr.num_processes, tr.gradient_accumulation_steps,
                                     tr.max_train_epochs, tr.max_train_steps)
     except ValueError as exc:
         raise ConfigError(Problem("training.max_train_epochs", str(exc))) from None
@@ -292,6 +307,7 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         validation_images=held_out,
         validation_seed=holdout.seed if held_out else None,
         validation_timesteps=validation_timesteps(tr.min_timestep, tr.max_timestep) if held_out else [],
+        datasets=dataset_summaries,
     )
 
 
@@ -312,3 +328,111 @@ def _sample_rounds(config: LoracliConfig, schedule: Schedule) -> list[dict[str, 
 
 def load_plan(path: Path) -> Plan:
     return Plan.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+@dataclass
+class PlannedDatasets:
+    """The [[datasets]] planned one by one (sd-scripts' DatasetGroup): each its own buckets and batch size."""
+
+    specs: list[Any]  # loracli.dataset.subsets.DatasetSpec
+    scans: list[DatasetScan]
+    per_dataset: list[list[PlannedImage]]
+    ar_per_dataset: list[list[float]]
+    held_out: list[PlannedImage]
+
+    @property
+    def images(self) -> list[PlannedImage]:
+        return [image for images in self.per_dataset for image in images]
+
+    @property
+    def ar_errors(self) -> list[float]:
+        return [e for errors in self.ar_per_dataset for e in errors]
+
+    @property
+    def scan(self) -> DatasetScan:
+        """All datasets as one scan (the lint rules and the plan's totals read it)."""
+        scans = self.scans
+        tags: dict[str, dict[str, int]] = {}
+        for one in scans:  # sd-scripts counts a folder that several datasets use once
+            for name, freq in one.tag_frequency.items():
+                tags.setdefault(name, freq)
+        return DatasetScan(
+            subsets=tuple(s for one in scans for s in one.subsets),
+            skipped=tuple(s for one in scans for s in one.skipped),
+            notes=tuple(dict.fromkeys(n for one in scans for n in one.notes)),
+            warnings=tuple(w for one in scans for w in one.warnings),
+            num_train_images=sum(one.num_train_images for one in scans),
+            num_reg_images=sum(one.num_reg_images for one in scans), tag_frequency=tags)
+
+    def counts(self, d_index: int) -> Counter[tuple[int, int]]:
+        counts: Counter[tuple[int, int]] = Counter()
+        for image in self.per_dataset[d_index]:
+            counts[image.bucket] += image.repeats
+        return counts
+
+    @property
+    def bucket_sizes(self) -> list[tuple[int, int]]:
+        return sorted({b for i in range(len(self.specs)) for b in self.counts(i)})
+
+    @property
+    def largest_bucket(self) -> int:
+        return max((n for i in range(len(self.specs)) for n in self.counts(i).values()), default=1)
+
+    @property
+    def batch_sizes(self) -> list[int | None]:
+        """Each dataset's own batch_size (None: training.train_batch_size)."""
+        return [s.own_batch_size for s in self.specs]
+
+    def summaries(self, config: LoracliConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """plan.datasets, and plan.buckets: every dataset's buckets in dataset order, each naming its dataset."""
+        from loracli.dataset.subsets import differing_options
+
+        summaries, all_buckets = [], []
+        for spec, scan, ar in zip(self.specs, self.scans, self.ar_per_dataset):
+            batch = spec.own_batch_size or config.training.train_batch_size
+            counts = self.counts(spec.index)
+            batches = count_batches(dict(counts), batch)
+            buckets = [{"resolution": list(b), "count": counts[b], "batches": batches[b]} for b in sorted(counts)]
+            all_buckets += [{**b, "dataset": spec.index} for b in buckets]
+            opts = spec.options
+            lo = hi = None
+            if opts.enable_bucket:
+                lo, hi, _ = adjust_bucket_limits(opts.min_bucket_reso, opts.max_bucket_reso, opts.bucket_reso_steps)
+            subsets = [{
+                "key": sub.key, "image_dir": str(sub.image_dir), "num_repeats": sub.num_repeats,
+                "is_reg": sub.is_reg, "class_tokens": sub.class_tokens,
+                "img_count": scan.img_counts.get(sub.index, 0),  # 0: sd-scripts ignores the subset (no images)
+                "options": differing_options(sub.options, config.dataset),
+            } for sub in spec.subsets]
+            summaries.append({
+                "key": spec.key, "batch_size": batch, "resolution": list(opts.resolution_wh),
+                "enable_bucket": opts.enable_bucket, "bucket_no_upscale": opts.enable_bucket and opts.bucket_no_upscale,
+                "min_bucket_reso": lo, "max_bucket_reso": hi, "bucket_reso_steps": opts.bucket_reso_steps,
+                "num_train_images": scan.num_train_images, "num_reg_images": scan.num_reg_images,
+                "batches": sum(batches.values()), "buckets": buckets, "mean_ar_error": mean_ar_error(ar),
+                "tag_frequency": scan.tag_frequency, "subsets": subsets,
+            })
+        return summaries, all_buckets
+
+
+def plan_datasets(resolved: ResolvedConfig, holdout: Holdout, notes: list[str]) -> PlannedDatasets:
+    """Scan and bucket each [[datasets]] entry with its own resolution and bucket options."""
+    from loracli.dataset.scan import SubsetSource, scan_dataset_config
+    from loracli.dataset.subsets import dataset_specs
+
+    specs = dataset_specs(resolved.config)
+    sources = [[SubsetSource(s.key, s.dataset, s.index, s.image_dir, s.num_repeats, s.is_reg, s.class_tokens,
+                             s.options.caption_extension) for s in spec.subsets] for spec in specs]
+    scans = scan_dataset_config(sources, holdout)
+    held = holdout.held_out_subsets()
+    per_dataset, ar_per_dataset, held_out = [], [], []
+    for spec, scan in zip(specs, scans):
+        dataset_notes: list[str] = []
+        assign = _assigner(spec.options, dataset_notes)
+        notes.extend(f"{spec.key}: {n}" for n in dataset_notes)
+        images, ar = _assign_all(scan, assign)
+        per_dataset.append(images)
+        ar_per_dataset.append(ar)
+        mine = tuple(s for s in held if s.dataset == spec.index)
+        held_out += _assign_all(replace(scan, subsets=mine), assign)[0]
+    return PlannedDatasets(specs, scans, per_dataset, ar_per_dataset, held_out)

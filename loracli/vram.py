@@ -451,7 +451,7 @@ class PlanMemory:
 
 
 def plan_memory(resolved, probe_path: str, probe_kind: str, family, buckets: list[tuple[int, int]],
-                samples_per_bucket: int):
+                samples_per_bucket: int, dataset_batch_sizes: list[int | None] | None = None):
     """The estimate for the plan, and train_batch_size = "auto" resolved (resolved.config is updated, as
     settle_seed does for the seed, so the run folder records the number). Returns (config, PlanMemory)."""
     from loracli.errors import ConfigError, Problem
@@ -500,7 +500,9 @@ def plan_memory(resolved, probe_path: str, probe_kind: str, family, buckets: lis
         resolved.origins["training.train_batch_size"] = 'chosen by "auto"'
         if accum != tr.gradient_accumulation_steps:
             resolved.origins["training.gradient_accumulation_steps"] = 'chosen by train_batch_size "auto"'
-    est = estimate_for_config(config, counts, bucket, config.training.train_batch_size, n_te)
+    # [[datasets]] with their own batch_size: the largest batch any dataset steps with (None: train_batch_size)
+    batch = max((b if b is not None else config.training.train_batch_size for b in dataset_batch_sizes or [None]))
+    est = estimate_for_config(config, counts, bucket, batch, n_te)
     findings = []
     if limit_gib is not None and est.total > limit_gib * GIB:
         tips = "lower train_batch_size, turn on gradient_checkpointing, cache_latents, or bf16 mixed precision"

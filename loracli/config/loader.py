@@ -129,7 +129,23 @@ def _resolve_paths(values: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         if isinstance(table, dict) and isinstance(table.get(key), str):
             p = Path(table[key]).expanduser()
             table[key] = os.path.normpath(p if p.is_absolute() else (base_dir / p))  # no jobs/../runs
+    datasets = out.get("datasets")
+    if isinstance(datasets, list):  # [[datasets.subsets]] image_dir, relative to the file like the keys above
+        out["datasets"] = [_resolve_subset_dirs(d, base_dir) if isinstance(d, dict) else d for d in datasets]
     return out
+
+
+def _resolve_subset_dirs(dataset: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    subsets = dataset.get("subsets")
+    if not isinstance(subsets, list):
+        return dataset
+    resolved = []
+    for subset in subsets:
+        if isinstance(subset, dict) and isinstance(subset.get("image_dir"), str):
+            p = Path(subset["image_dir"]).expanduser()
+            subset = {**subset, "image_dir": os.path.normpath(p if p.is_absolute() else (base_dir / p))}
+        resolved.append(subset)
+    return {**dataset, "subsets": resolved}
 
 
 def _did_you_mean(section: str | None, key: str) -> str:
@@ -160,11 +176,25 @@ _KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def _key_loc(loc: tuple) -> list[str]:
     """The config key an error is about: section and key, then table keys up to the first union tag or index."""
+    if loc and loc[0] == "datasets":  # datasets[0].subsets[1].image_dir: one part, indices in brackets
+        return [_datasets_key(loc)]
     out: list[str] = []
     for i, part in enumerate(loc):
         if i >= 2 and (isinstance(part, int) or not _KEY_PART.match(str(part)) or str(part) in _TYPE_NAMES):
             break
         out.append(str(part))
+    return out
+
+
+def _datasets_key(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _KEY_PART.match(str(part)) and str(part) not in _TYPE_NAMES:
+            out += f".{part}" if out else str(part)
+        else:
+            break
     return out
 
 
@@ -195,9 +225,15 @@ def _problem_from_error(err: dict[str, Any], origins: dict[str, str], layers: li
         if layer.label == origin and layer.path is not None:
             where = f"{layer.path}: {dotted}"
     kind = err["type"]
+    if kind == "extra_forbidden" and dotted.startswith("datasets"):
+        return Problem(where, "unknown key", hint=_datasets_hint(dotted), origin=origin)
     if kind == "extra_forbidden":
         section = loc[0] if len(loc) > 1 else None
         return Problem(where, "unknown key", hint=_did_you_mean(section, loc[-1]), origin=origin)
+    if kind == "missing" and dotted.startswith("datasets"):
+        table = "[[datasets.subsets]]" if ".subsets[" in dotted else "[[datasets]]"
+        return Problem(where, "required but not set", hint=f"add `{dotted.rsplit('.', 1)[-1]} = ...` to that "
+                       f"{table} table", origin=origin)
     if kind == "missing":
         if len(loc) == 1 and loc[0] in SECTIONS:  # a whole section is absent: name the key it needs
             required = [k for k, f in SECTIONS[loc[0]].model_fields.items() if f.is_required()]
@@ -207,6 +243,23 @@ def _problem_from_error(err: dict[str, Any], origins: dict[str, str], layers: li
         return Problem(where, "required but not set", hint=f"add `{loc[-1]} = ...` under [{loc[0]}]")
     message = err["msg"].removeprefix("Value error, ")
     return Problem(where, f"{message} (got {err.get('input')!r})", origin=origin)
+
+
+def _datasets_hint(dotted: str) -> str:
+    from loracli.config.schema import DatasetEntry, SubsetSection
+
+    key = dotted.rsplit(".", 1)[-1]
+    in_subset = ".subsets[" in dotted
+    names = list((SubsetSection if in_subset else DatasetEntry).model_fields)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]}?"
+    if key in SECTIONS["dataset"].model_fields:
+        return f"{key} is run-wide: set it under [dataset]" if in_subset or key not in DatasetEntry.model_fields \
+            else f"{key} is a dataset option: set it in the [[datasets]] table, not in a subset"
+    if in_subset and key in DatasetEntry.model_fields:
+        return f"{key} is a dataset option: set it in the [[datasets]] table, not in a subset"
+    return f"valid keys: {', '.join(names)}"
 
 
 def resolve_config(
@@ -250,6 +303,10 @@ def resolve_config(
         config = LoracliConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_problems_from_errors(exc.errors(), origins, layers)) from None
+    if not config.datasets and config.dataset.train_data_dir is None:
+        raise ConfigError(Problem("dataset.train_data_dir", "required but not set",
+                                  hint="add `train_data_dir = ...` under [dataset] (the parent of <repeats>_<name> "
+                                  "folders), or list the folders as [[datasets]] with [[datasets.subsets]]"))
     return ResolvedConfig(_absolute_paths(config), origins, layers, loaded, config_path)
 
 
@@ -276,4 +333,9 @@ def _absolute_paths(config: LoracliConfig) -> LoracliConfig:
             updates.setdefault(section, {})[key] = Path(os.path.normpath(value.absolute()))
     for section, values in updates.items():
         config = config.model_copy(update={section: getattr(config, section).model_copy(update=values)})
+    if any(not s.image_dir.is_absolute() for d in config.datasets for s in d.subsets):
+        datasets = [d.model_copy(update={"subsets": [
+            s.model_copy(update={"image_dir": Path(os.path.normpath(s.image_dir.absolute()))}) for s in d.subsets]})
+            for d in config.datasets]
+        config = config.model_copy(update={"datasets": datasets})
     return config

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic.fields import FieldInfo
 
 Resolution = Union[int, tuple[int, int]]
 
@@ -97,7 +98,8 @@ class ModelSection(Section):
 
 
 class DatasetSection(Section):
-    train_data_dir: Path = Field(description="Parent folder of the <repeats>_<name> image folders.")
+    train_data_dir: Path | None = Field(None, description="Parent folder of the <repeats>_<name> image folders "
+                                        "(or describe the data as [[datasets]] with [[datasets.subsets]]).")
     reg_data_dir: Path | None = Field(None, description="Parent folder of regularisation image folders.")
     resolution: Resolution = Field(512, description="Training resolution: 512 or [width, height].")
     enable_bucket: bool = Field(False, description="Aspect-ratio bucketing.")
@@ -118,6 +120,9 @@ class DatasetSection(Section):
     caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1)
     token_warmup_min: int = Field(1, ge=1, le=MAX_COUNT)
     token_warmup_step: float = Field(0, ge=0, le=MAX_STEPS)
+    enable_wildcard: bool = Field(
+        False, description='Wildcard captions: each "{a|b|c}" becomes one option per use, and a caption file\'s '
+        "lines are alternatives (one per use); without it only the first line is read, as sd-scripts.")
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
@@ -158,6 +163,64 @@ class DatasetSection(Section):
         return (r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
 
 
+# sd-scripts' dataset config: [dataset] is its [general]; [[datasets]] hold dataset-level keys and subset defaults,
+# [[datasets.subsets]] the folders. These [dataset] keys are run-wide (not per dataset or subset in loracli).
+GENERAL_ONLY_KEYS = ("train_data_dir", "reg_data_dir", "cache_latents", "cache_latents_to_disk", "vae_batch_size",
+                     "max_token_length", "validation_split", "validation_seed")
+# Keys a dataset sets for its buckets (sd-scripts refuses them in a subset).
+DATASET_LEVEL_KEYS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                      "bucket_no_upscale")
+
+
+def subset_level_keys() -> tuple[str, ...]:
+    """Every other [dataset] key is a subset option (captions, augmentations, ...): a subset, its dataset or
+    [dataset] sets it, in that order. Derived from DatasetSection, so new dataset options join automatically."""
+    return tuple(k for k in DatasetSection.model_fields if k not in GENERAL_ONLY_KEYS + DATASET_LEVEL_KEYS)
+
+
+def _inherited(names: tuple[str, ...]) -> dict[str, tuple[object, FieldInfo]]:
+    """DatasetSection's fields (types, ranges, descriptions) as optional overrides: None inherits."""
+    fields: dict[str, tuple[object, FieldInfo]] = {}
+    for name in names:
+        info = DatasetSection.model_fields[name]
+        fields[name] = (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))
+    return fields
+
+
+def _resolution_or_none(cls: type, v: Resolution | None) -> Resolution | None:
+    return None if v is None else DatasetSection._positive_resolution(v)
+
+
+def _dotted_or_none(cls: type, v: str | None) -> str | None:
+    return None if v is None else DatasetSection._dotted(v)
+
+
+_SUBSET_ONLY: dict[str, tuple[object, FieldInfo]] = {
+    "image_dir": (Path, Field(description="The folder of this subset's images (read directly, no <repeats>_ name).")),
+    "is_reg": (bool, Field(False, description="Regularisation images (balanced to the dataset's training images).")),
+}
+_SUBSET_OR_DATASET: dict[str, tuple[object, FieldInfo]] = {
+    "num_repeats": (Optional[int], Field(None, ge=1, le=MAX_COUNT, description="Repeats per epoch (default 1).")),
+    "class_tokens": (Optional[str], Field(None, description="Caption of images without a caption file.")),
+}
+
+SubsetSection = create_model(  # type: ignore[call-overload]
+    "SubsetSection", __base__=Section, __doc__="One [[datasets.subsets]] table: a folder and its options.",
+    __validators__={"_dotted": field_validator("caption_extension")(_dotted_or_none)},
+    **_SUBSET_ONLY, **_SUBSET_OR_DATASET, **_inherited(subset_level_keys()),
+)
+
+DatasetEntry = create_model(  # type: ignore[call-overload]
+    "DatasetEntry", __base__=Section, __doc__="One [[datasets]] table: bucket options, batch size, subsets.",
+    __validators__={"_resolution": field_validator("resolution")(_resolution_or_none),
+                    "_dotted": field_validator("caption_extension")(_dotted_or_none)},
+    batch_size=(Optional[int], Field(None, ge=1, le=MAX_COUNT, description="Images per step of this dataset "
+                                     "(default training.train_batch_size).")),
+    subsets=(list[SubsetSection], Field(min_length=1, description="The dataset's folders.")),
+    **_SUBSET_OR_DATASET, **_inherited(DATASET_LEVEL_KEYS), **_inherited(subset_level_keys()),
+)
+
+
 class NetworkSection(Section):
     network_module: Literal["networks.lora", "lycoris.kohya"] = Field(
         "networks.lora",
@@ -170,9 +233,10 @@ class NetworkSection(Section):
         None, ge=1, le=MAX_COUNT, description="Rank of 3x3 conv layers (LoCon/LoHa/LoKr; with plain LoRA: kohya's "
         "LoRA-C3Lier, conv_alpha 1 unless set).")
     conv_alpha: float | None = Field(None, ge=0)
-    lycoris_preset: Literal["full"] = Field(
-        "full", description="LyCORIS target preset; 'full' = kohya's targets for the algorithm."
-    )
+    lycoris_preset: Literal["full", "full-lin", "attn-mlp", "attn-only", "unet-transformer-only",
+                            "unet-convblock-only"] = Field(
+        "full", description="LyCORIS target preset (LyCORIS algos); 'full' = kohya's targets for the algorithm, "
+        "the others LyCORIS' presets of that name (README, 'Network options').")
     network_dropout: float | None = Field(None, ge=0, lt=1)
     rank_dropout: float = Field(0.0, ge=0, lt=1)
     module_dropout: float = Field(0.0, ge=0, lt=1)
@@ -185,6 +249,48 @@ class NetworkSection(Section):
     network_train_unet_only: bool = False
     network_train_text_encoder_only: bool = False
     scale_weight_norms: float | None = Field(None, gt=0)
+    # Block-wise LoRA (sd-scripts' networks.lora network_args; plain LoRA only).
+    down_lr_weight: list[float] | str | None = Field(
+        None, description="lr multipliers of the UNet's down blocks (shallow to deep), or a shape: cosine, sine, "
+        "linear, reverse_linear, zeros, optionally +number.")
+    mid_lr_weight: list[float] | None = Field(None, description="lr multipliers of the UNet's middle block(s).")
+    up_lr_weight: list[float] | str | None = Field(
+        None, description="lr multipliers of the UNet's up blocks (deep to shallow), or a shape as down_lr_weight.")
+    block_lr_zero_threshold: float = Field(
+        0.0, ge=0, le=MAX_COUNT, description="Blocks whose lr weight is at or below this get no LoRA modules.")
+    block_dims: list[int] | None = Field(None, description="Rank per UNet block (25 for SD1/SD2, 23 for SDXL); "
+                                         "0 = no modules in that block.")
+    block_alphas: list[float] | None = Field(None, description="Alpha per UNet block (as block_dims).")
+    conv_block_dims: list[int] | None = Field(None, description="Rank of the 3x3 convs per UNet block.")
+    conv_block_alphas: list[float] | None = Field(None, description="Alpha of the 3x3 convs per UNet block.")
+    # LoRA+: the lr of the up (B) matrices is multiplied by the ratio.
+    loraplus_lr_ratio: float | None = Field(None, gt=0, le=MAX_COUNT, description="LoRA+ ratio (16 in the paper).")
+    loraplus_unet_lr_ratio: float | None = Field(None, gt=0, le=MAX_COUNT)
+    loraplus_text_encoder_lr_ratio: float | None = Field(None, gt=0, le=MAX_COUNT)
+    dora_wd: bool = Field(False, description="DoRA: weight-decomposed LoCon/LoHa/LoKr (LyCORIS' dora_wd).")
+
+    @field_validator("down_lr_weight", "up_lr_weight")
+    @classmethod
+    def _lr_weight_shape(cls, v: list[float] | str | None) -> list[float] | str | None:
+        if isinstance(v, str):
+            from loracli.network_blocks import parse_shape
+
+            parse_shape(v)  # ValueError names the shapes
+        return v
+
+    @field_validator("block_dims", "conv_block_dims")
+    @classmethod
+    def _block_dims_range(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(not 0 <= d <= MAX_COUNT for d in v):
+            raise ValueError(f"each rank must be between 0 and {MAX_COUNT}")
+        return v
+
+    @field_validator("block_alphas", "conv_block_alphas")
+    @classmethod
+    def _block_alphas_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(a < 0 for a in v):
+            raise ValueError("each alpha must be >= 0")
+        return v
 
     @property
     def module_name(self) -> str:
@@ -281,6 +387,9 @@ class TrainingSection(Section):
     min_timestep: int | None = Field(None, ge=0, le=1000)
     max_timestep: int | None = Field(None, ge=1, le=1000)
     prior_loss_weight: float = Field(1.0, ge=0)
+    weighted_captions: bool = Field(
+        False, description='Read "(word:1.2)", "(word)", "[word]" in captions as token weights (sd-scripts\' '
+        "--weighted_captions); no commas inside the brackets, or shuffle and tag dropout split them.")
     cache_text_encoder_outputs: bool = Field(
         False, description="Encode each caption once (needs a frozen text encoder and fixed captions)."
     )
@@ -290,6 +399,21 @@ class TrainingSection(Section):
     full_bf16: bool = Field(
         False, description='The network, its gradients and the optimizer state in bf16 (needs mixed_precision = '
         '"bf16"), as sd-scripts\' --full_bf16: half their memory, less precise updates.')
+    full_fp16: bool = Field(
+        False, description='The network, its gradients and the optimizer state in fp16 (needs mixed_precision = '
+        '"fp16"), as sd-scripts\' --full_fp16; the gradient scaler unscales fp16 gradients. On a CPU (no fp16 '
+        "there) it falls back to fp32 with the mixed precision.")
+    fp8_base: bool = Field(
+        False, description="Store the frozen UNet and text-encoder Linear/Conv weights as float8_e4m3fn and compute "
+        'in the mixed-precision dtype (needs mixed_precision "bf16" or "fp16"), as sd-scripts\' --fp8_base.')
+    fp8_base_unet: bool = Field(
+        False, description="fp8_base for the UNet only; the text encoders stay in the mixed-precision dtype "
+        "(sd-scripts' --fp8_base_unet).")
+    torch_compile: bool = Field(
+        False, description="torch.compile the UNet (sd-scripts' --torch_compile): the first steps compile (slow), "
+        "later ones run faster; each new bucket shape compiles again.")
+    dynamo_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = Field(
+        "inductor", description="The torch.compile backend with torch_compile (sd-scripts' --dynamo_backend).")
     vram_gb: float | None = Field(
         None, gt=0, le=4096, description="GPU memory to plan for (GiB): `loracli plan` warns when its estimate "
         'is above it, and train_batch_size = "auto" fills it. Unset: the detected GPU\'s memory.')
@@ -361,18 +485,21 @@ class LoggingSection(Section):
 
 class LoracliConfig(Section):
     model: ModelSection
-    dataset: DatasetSection
+    dataset: DatasetSection = Field(default_factory=DatasetSection)
     network: NetworkSection = Field(default_factory=NetworkSection)
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection = Field(default_factory=OutputSection)
     sample: SampleSection = Field(default_factory=SampleSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    datasets: list[DatasetEntry] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="sd-scripts' [[datasets]] / [[datasets.subsets]] (instead of "
+        "dataset.train_data_dir): several folders, each with its own repeats and options.")
 
 
 SECTIONS: dict[str, type[Section]] = {
     name: field.annotation  # type: ignore[misc]
-    for name, field in LoracliConfig.model_fields.items()
+    for name, field in LoracliConfig.model_fields.items() if name != "datasets"  # an array of tables, not a section
 }
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loracli.dataset.images import (
@@ -43,6 +43,9 @@ class ImageEntry:
     caption_source: str  # "file" | "class_tokens"
     caption_path: Path | None
     repeats: int
+    # Every non-blank line of a caption file with more than one (sd-scripts' enable_wildcard reads them
+    # as alternatives); () otherwise. `caption` is the first line, what sd-scripts reads without it.
+    caption_lines: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class Subset:
     class_tokens: str
     is_reg: bool
     images: tuple[ImageEntry, ...]
+    dataset: int = 0  # index into [[datasets]] (0 in the folder form)
+    index: int | None = None  # index into that dataset's subsets; None for a <repeats>_<name> folder
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,9 @@ class DatasetScan:
     num_train_images: int  # Σ repeats × images over training folders
     num_reg_images: int  # raw Σ repeats × images over reg folders (what sd-scripts prints)
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    # [[datasets.subsets]]: images found per subset index (after the split, before reg balancing), as
+    # sd-scripts' img_count
+    img_counts: dict[int, int] = field(default_factory=dict)
 
 
 def parse_folder_name(name: str) -> tuple[int, str] | None:
@@ -137,19 +145,19 @@ def _scan_folder(folder: Path, repeats: int, tokens: str, is_reg: bool, caption_
             out.problems.append(Problem(str(path), str(exc), "remove or re-save the file"))
             continue
         stem = entry.name[: len(entry.name) - len(extension(entry.name))]
-        caption, source, caption_path = tokens, "class_tokens", None
+        caption, source, caption_path, lines = tokens, "class_tokens", None, ()
         for candidate in _caption_candidates(stem, caption_extension):
             if candidate in names:
                 caption_path = folder / candidate
                 caption_names.add(candidate)
-                caption, source = _read_caption(caption_path, out), "file"
+                (caption, lines), source = _read_caption(caption_path, out), "file"
                 break
         else:
             for other in CAPTION_EXTENSIONS:
                 if other != caption_extension and stem + other in names:
                     out.other_caption_ext[other] += 1
                     caption_names.add(stem + other)
-        images.append(ImageEntry(path, size, caption, source, caption_path, repeats))
+        images.append(ImageEntry(path, size, caption, source, caption_path, repeats, lines))
     for entry in entries:
         if _is_dir(entry) or is_image_name(entry.name) or entry.name in caption_names:
             continue
@@ -165,22 +173,23 @@ def _scan_folder(folder: Path, repeats: int, tokens: str, is_reg: bool, caption_
 MAX_CAPTION_BYTES = 1 << 20  # sd-scripts uses the first line; a caption is never this long
 
 
-def _read_caption(path: Path, out: _Collector) -> str:
+def _read_caption(path: Path, out: _Collector) -> tuple[str, tuple[str, ...]]:
+    """The first line, and every non-blank line when there are several (both stripped)."""
     reason = not_a_regular_file(path)
     if reason:
         out.problems.append(Problem(str(path), f"caption file is {reason}", "make it a text file or remove it"))
-        return ""
+        return "", ()
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_CAPTION_BYTES)
     except OSError as exc:
         out.problems.append(Problem(str(path), f"cannot read the caption file ({exc.strerror or exc})",
                                     "check its permissions"))
-        return ""
+        return "", ()
     if b"\x00" in raw:
         out.problems.append(Problem(str(path), "caption file holds NUL bytes (a binary file, or UTF-16 text?)",
                                     "re-save it as UTF-8 text"))
-        return ""
+        return "", ()
     try:
         text = raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not part of the caption
     except UnicodeDecodeError as exc:
@@ -188,13 +197,14 @@ def _read_caption(path: Path, out: _Collector) -> str:
             text = raw[:exc.start].decode("utf-8-sig")
         else:
             out.problems.append(Problem(str(path), "caption file is not UTF-8", "re-save it as UTF-8"))
-            return ""
-    lines = text.splitlines()
-    first = lines[0].strip() if lines else ""
+            return "", ()
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # the line ends Python's text mode knows
+    first = lines[0].strip()
     if not first:
         out.problems.append(Problem(str(path), "caption file is empty (its first line is blank)",
                                     "write a caption or delete the file to use the folder's class tokens"))
-    return first
+    others = tuple(line.strip() for line in lines if line.strip())
+    return first, others if len(others) > 1 else ()
 
 
 def _scan_parent(parent: Path, is_reg: bool, caption_extension: str, out: _Collector) -> list[Subset]:
@@ -245,11 +255,11 @@ def balance_reg(reg: list[Subset], num_train_images: int, out: _Collector) -> li
     balanced = []
     for si, subset in enumerate(reg):
         images = tuple(
-            ImageEntry(im.path, im.size, im.caption, im.caption_source, im.caption_path, counts[(si, ii)])
+            replace(im, repeats=counts[(si, ii)])
             for ii, im in enumerate(subset.images) if (si, ii) in counts
         )
         if images:
-            balanced.append(Subset(subset.path, subset.repeats, subset.class_tokens, True, images))
+            balanced.append(replace(subset, is_reg=True, images=images))
     return balanced
 
 
@@ -307,3 +317,84 @@ def scan_dataset(train_data_dir: Path, reg_data_dir: Path | None, caption_extens
         warnings=tuple(out.warnings), num_train_images=num_train, num_reg_images=num_reg,
         tag_frequency=_tag_frequency(train + reg),
     )
+
+
+@dataclass(frozen=True)
+class SubsetSource:
+    """One [[datasets.subsets]] folder as the scan needs it (loracli.dataset.subsets resolves the config)."""
+
+    key: str  # "datasets[0].subsets[1]"
+    dataset: int
+    index: int
+    image_dir: Path
+    num_repeats: int
+    is_reg: bool
+    class_tokens: str | None
+    caption_extension: str
+
+
+def scan_dataset_config(datasets: list[list[SubsetSource]],
+                        holdout: Callable[[list[Subset]], list[Subset]] | None = None) -> list[DatasetScan]:
+    """sd-scripts' DreamBooth datasets of a dataset config, one DatasetScan each.
+
+    A subset's images are the files directly in its image_dir; a caption is `<stem><caption_extension>` of
+    that subset, else its class_tokens, else "" (sd-scripts warns and trains with an empty caption). Reg
+    subsets are balanced to their own dataset's training images. holdout is applied to the training
+    subsets of all datasets together (it splits each folder on its own).
+    """
+    missing = []
+    for source in (s for subsets in datasets for s in subsets):
+        folder = Path(source.image_dir)
+        if not folder.is_dir():
+            missing.append(Problem(f"{source.key}.image_dir: {folder}", "folder not found" if not folder.exists()
+                                   else "not a folder", "check the path (relative to the config file)"))
+    if missing:
+        raise DatasetError(missing)
+    collectors = [_Collector() for _ in datasets]
+    scanned: list[list[Subset]] = []
+    for subsets, out in zip(datasets, collectors):
+        found = []
+        for src in subsets:
+            ext = src.caption_extension if src.caption_extension.startswith(".") else "." + src.caption_extension
+            subset = _scan_folder(Path(src.image_dir), src.num_repeats, src.class_tokens or "", src.is_reg, ext, out)
+            if subset.images:  # sd-scripts ignores a subset without images (with a warning)
+                found.append(replace(subset, dataset=src.dataset, index=src.index))
+            if src.class_tokens is None and any(i.caption_source == "class_tokens" for i in subset.images):
+                out.warnings.append(f"{src.key}: some images have no {ext} caption and the subset has no "
+                                    "class_tokens: they train with an empty caption (as in sd-scripts)")
+        scanned.append(found)
+    problems = [p for out in collectors for p in out.problems]
+    if problems:
+        raise DatasetError(problems)
+    if not any(not s.is_reg for found in scanned for s in found):
+        raise DatasetError(Problem("datasets", "no usable training images in any subset",
+                                   "each [[datasets.subsets]] image_dir must hold the images directly "
+                                   "(not in sub-folders); is_reg subsets alone train nothing"))
+    train_all = [s for found in scanned for s in found if not s.is_reg]
+    if holdout is not None:
+        train_all = holdout(train_all)
+    results = []
+    for d_index, (found, out) in enumerate(zip(scanned, collectors)):
+        train = [s for s in train_all if s.dataset == d_index]
+        reg = [s for s in found if s.is_reg]
+        num_train = sum(s.repeats * len(s.images) for s in train)
+        num_reg = sum(s.repeats * len(s.images) for s in reg)
+        if not train:
+            out.warnings.append(f"datasets[{d_index}] has no training images: it adds no batches")
+        reg = balance_reg(reg, num_train, out)
+        if out.mixed_case:
+            examples = ", ".join(p.name for p in out.mixed_case[:3])
+            out.notes.append(f"{len(out.mixed_case)} image(s) with a mixed-case extension ({examples}) are used; "
+                             "sd-scripts on Linux would skip them")
+        for ext, count in out.other_caption_ext.items():
+            out.warnings.append(f"{count} image(s) have no caption file of their subset's caption_extension but "
+                                f"a {ext} file; set caption_extension = \"{ext}\" in that subset to use them")
+        # subsets keep the config's order (training and reg interleaved as written)
+        ordered = sorted(train + reg, key=lambda s: s.index if s.index is not None else -1)
+        results.append(DatasetScan(
+            subsets=tuple(ordered), skipped=tuple(out.skipped), notes=tuple(out.notes),
+            warnings=tuple(out.warnings), num_train_images=num_train, num_reg_images=num_reg,
+            tag_frequency=_tag_frequency(sorted(train + [s for s in found if s.is_reg], key=lambda s: s.index or 0)),
+            img_counts={s.index: len(s.images) for s in train + [s for s in found if s.is_reg] if s.index is not None},
+        ))
+    return results
