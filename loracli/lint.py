@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loracli.caption_rules import caption_config_findings, caption_data_findings
 from loracli.config.schema import LoracliConfig
+from loracli.dataset.subset_rules import subset_config_findings
 from loracli.family import FAMILIES, ModelFamily
 from loracli.sample_prompts import read_prompt_file
 
@@ -82,6 +84,41 @@ def trains_text_encoder(config: LoracliConfig, encoders: int = 1) -> bool:
     return not config.network.network_train_unet_only and any(lr != 0 for lr in effective_te_lrs(config, encoders))
 
 
+def _torch_version() -> tuple[int, int] | None:
+    """The installed torch's (major, minor), read without importing it (the plan side stays torch-free)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        match = re.match(r"(\d+)\.(\d+)", version("torch"))
+    except PackageNotFoundError:
+        return None
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _precision_findings(tr) -> list[Finding]:
+    """full_fp16 and fp8_base: the assertions sd-scripts' train_network.py makes, at plan time."""
+    out: list[Finding] = []
+    # E80: full_fp16 keeps the trained state in fp16, which only an fp16 run computes (and scales) in.
+    if tr.full_fp16 and tr.mixed_precision != "fp16":
+        out.append(Finding("error", "E80", "training.full_fp16",
+                           f'needs training.mixed_precision = "fp16" (now "{tr.mixed_precision}")',
+                           'set mixed_precision = "fp16", or remove full_fp16', "train_network.py"))
+    fp8_key = "training.fp8_base" if tr.fp8_base else "training.fp8_base_unet"
+    if tr.fp8_base or tr.fp8_base_unet:
+        # E81: fp8 weights are only stored; every product runs in the mixed-precision dtype.
+        if tr.mixed_precision == "no":
+            out.append(Finding("error", "E81", fp8_key,
+                               'needs training.mixed_precision = "bf16" or "fp16" (now "no"): fp8 weights are '
+                               "computed in the mixed-precision dtype",
+                               'set mixed_precision = "bf16", or remove the fp8 option', "train_network.py"))
+        # E82: float8_e4m3fn exists from torch 2.1 on (sd-scripts asserts the same version).
+        found = _torch_version()
+        if found is not None and found < (2, 1):
+            out.append(Finding("error", "E82", fp8_key, f"needs torch 2.1 or newer (installed: {found[0]}.{found[1]})",
+                               "upgrade torch, or remove the fp8 option", "train_network.py"))
+    return out
+
+
 def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, str]) -> list[Finding]:
     """Rules that need only the config."""
     out: list[Finding] = []
@@ -93,6 +130,7 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
         out.append(Finding("error", "E30", "training.full_bf16",
                            f'needs training.mixed_precision = "bf16" (now "{tr.mixed_precision}")',
                            'set mixed_precision = "bf16", or remove full_bf16'))
+    out.extend(_precision_findings(tr))
     # E3: the adafactor schedule only exists for the Adafactor optimizer.
     if opt.lr_scheduler == "adafactor" and optimizer.lower() != "adafactor":
         out.append(Finding("error", "E3", "optimizer.lr_scheduler",
@@ -263,6 +301,8 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
     from loracli.trackers import tracker_findings  # imports this module
 
     out += tracker_findings(config)
+    out += caption_config_findings(config)  # E70
+    out += subset_config_findings(config, family)  # E40-E44, W40: [[datasets]]
     return out
 
 
@@ -281,7 +321,9 @@ def pickle_checkpoint_finding(config: LoracliConfig) -> Finding | None:
 
 def lint_family(config: LoracliConfig, family: ModelFamily) -> list[Finding]:
     """Rules that depend on the model family (SDXL's own, and what SD1/SD2 ignore)."""
-    out: list[Finding] = []
+    from loracli.network_lint import network_findings  # it imports Finding from here
+
+    out: list[Finding] = network_findings(config, family)
     ds, opt, tr, model = config.dataset, config.optimizer, config.training, config.model
     encoders = len(family.text_encoder_prefixes)
     if family.name == "sdxl":
@@ -423,7 +465,8 @@ def lint_data(config: LoracliConfig, scan: DatasetScan, schedule: Schedule,
     if uncaptioned:
         out.append(Finding("warning", "W17", "dataset.caption_extension",
                            f"{len(uncaptioned)} training image(s) have no {config.dataset.caption_extension} "
-                           f"caption and use the folder's class tokens, e.g. {uncaptioned[0].path.name}",
+                           f"caption and use the {'subset' if config.datasets else 'folder'}'s class tokens, e.g. "
+                           f"{uncaptioned[0].path.name}",
                            "add caption files or check caption_extension", f"{TRAINING_LOGS}; {OTHER_RENTRY}"))
     # W18: the rest of what the scan noticed (empty folders, unused reg images, other caption extensions).
     for warning in scan.warnings:
@@ -459,4 +502,5 @@ def lint_data(config: LoracliConfig, scan: DatasetScan, schedule: Schedule,
             out.append(Finding("warning", "W11", "sample.sample_prompts",
                                f"{len(prompts)} prompts do not divide among {tr.num_processes} processes",
                                f"use a multiple of {tr.num_processes}", TRAINING_GUIDE))
+    out += caption_data_findings(config, scan)  # E71, E72, W70
     return out

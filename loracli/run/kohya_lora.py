@@ -32,6 +32,7 @@ from torch import nn
 
 from loracli.errors import ConfigError, Problem
 from loracli.keymap import diffusers_to_sai, kohya_module_name
+from loracli.network_blocks import BlockRanks, block_index
 
 if TYPE_CHECKING:
     from loracli.family import ModelFamily
@@ -257,10 +258,24 @@ def _dim_alpha(layer: nn.Module, spec: NetworkSpec) -> tuple[int, float | None] 
     return None
 
 
-def _make(names_and_layers: Iterable[tuple[str, nn.Module]], spec: NetworkSpec) -> list[KohyaLoRAModule]:
+def _block_dim_alpha(lora_name: str, layer: nn.Module, ranks: BlockRanks, is_sdxl: bool
+                     ) -> tuple[int, float | None] | None:
+    """With block_dims or lr weights, a UNet layer's rank is its block's (sd-scripts indexes -1 as the last)."""
+    index = block_index(lora_name, is_sdxl)
+    if isinstance(layer, nn.Linear) or tuple(layer.kernel_size) == (1, 1):
+        dim, alpha = ranks.dims[index], ranks.alphas[index]
+    elif ranks.conv_dims is not None and ranks.conv_alphas is not None:
+        dim, alpha = ranks.conv_dims[index], ranks.conv_alphas[index]
+    else:
+        return None
+    return (dim, alpha) if dim else None
+
+
+def _make(names_and_layers: Iterable[tuple[str, nn.Module]], spec: NetworkSpec,
+          rank_of=None) -> list[KohyaLoRAModule]:
     loras = []
     for lora_name, layer in names_and_layers:
-        dim_alpha = _dim_alpha(layer, spec)
+        dim_alpha = rank_of(lora_name, layer) if rank_of is not None else _dim_alpha(layer, spec)
         if dim_alpha is None:
             continue
         dim, alpha = dim_alpha
@@ -269,8 +284,9 @@ def _make(names_and_layers: Iterable[tuple[str, nn.Module]], spec: NetworkSpec) 
     return loras
 
 
-def _unet_names(unet: nn.Module, family: ModelFamily, spec: NetworkSpec) -> list[tuple[str, nn.Module]]:
-    blocks = UNET_BLOCKS | UNET_CONV_BLOCKS if spec.conv_dim is not None else UNET_BLOCKS
+def _unet_names(unet: nn.Module, family: ModelFamily, spec: NetworkSpec, with_convs: bool
+                ) -> list[tuple[str, nn.Module]]:
+    blocks = UNET_BLOCKS | UNET_CONV_BLOCKS if with_convs else UNET_BLOCKS
     layers = _layers(unet, lambda _name, block: type(block).__name__ in blocks)
     if not family.sai_unet_names:
         return [(kohya_module_name(family.unet_prefix, path), layer) for path, layer in layers]
@@ -306,7 +322,14 @@ def create_kohya_lora(spec: NetworkSpec, text_encoders: list, unet, family: Mode
         layers = _layers(text_encoder, lambda name, _block: TEXT_BLOCK_PATH.fullmatch(name) is not None)
         te_loras.append(_make(((kohya_module_name(prefix, _text_encoder_path(path)), layer)
                                for path, layer in layers), spec_alpha))
-    unet_loras = _make(_unet_names(unet, family, spec), spec_alpha) if unet is not None else []
+    ranks = None if spec.blocks is None else spec.blocks.ranks(
+        family.sai_unet_names, spec.dim, spec.alpha if spec.network_alpha is None else spec.network_alpha,
+        spec.conv_dim, spec.conv_alpha)
+    rank_of = None if ranks is None else (
+        lambda name, layer: _block_dim_alpha(name, layer, ranks, family.sai_unet_names))
+    with_convs = spec.conv_dim is not None or (ranks is not None and ranks.conv_dims is not None)
+    unet_loras = (_make(_unet_names(unet, family, spec, with_convs), spec_alpha, rank_of)
+                  if unet is not None else [])
     if not spec.train_text_encoder:
         te_loras = [[] for _ in te_loras]
     if not spec.train_unet:

@@ -25,7 +25,8 @@ import torch
 from loracli.errors import ConfigError, Problem
 from loracli.family import SD1, ModelFamily
 from loracli.keymap import diffusers_to_sai, kohya_module_name
-from loracli.sdscripts.lycoris_targets import LORA_TARGETS, targets_for
+from loracli.network_blocks import BlockOptions, block_index
+from loracli.sdscripts.lycoris_targets import LORA_TARGETS, SAI_ROOT_NAMES, targets_for
 
 # kohya's targets as explicit LyCORIS presets (one table, shared with the sd-scripts export)
 LORA_PRESET = LORA_TARGETS
@@ -46,6 +47,27 @@ class NetworkSpec:
     train_unet: bool = True
     train_text_encoder: bool = True
     extra_args: dict[str, object] = field(default_factory=dict)
+    preset: str = "full"  # loracli's LyCORIS target table (lycoris_targets.PRESETS)
+    blocks: BlockOptions | None = None  # plain LoRA: block-wise ranks and lr weights (network_blocks)
+    network_alpha: float | None = None  # as given (0 = each module's dim): the default of block_alphas
+    loraplus: LoraPlus | None = None
+
+
+@dataclass(frozen=True)
+class LoraPlus:
+    """LoRA+ ratios as sd-scripts reads them: a part's own ratio, else the common one (None: off there)."""
+
+    ratio: float | None = None
+    unet_ratio: float | None = None
+    text_encoder_ratio: float | None = None
+
+    @property
+    def unet(self) -> float | None:
+        return self.unet_ratio or self.ratio
+
+    @property
+    def text_encoder(self) -> float | None:
+        return self.text_encoder_ratio or self.ratio
 
 
 def kohya_names(text_encoders: list, unet, family: ModelFamily) -> dict[str, str]:
@@ -57,7 +79,8 @@ def kohya_names(text_encoders: list, unet, family: ModelFamily) -> dict[str, str
                              if "CrossAttn" in t)
     for path, _ in unet.named_modules():
         if path:
-            kohya = diffusers_to_sai(path, lpb, up_attention) if family.sai_unet_names else path
+            kohya = (SAI_ROOT_NAMES.get(path) or diffusers_to_sai(path, lpb, up_attention)
+                     if family.sai_unet_names else path)
             names[kohya_module_name("lora_unet", path)] = kohya_module_name("lora_unet", kohya)
     for prefix, te in zip(family.text_encoder_prefixes, text_encoders):
         if te is None:
@@ -78,7 +101,13 @@ def create_network(spec: NetworkSpec, text_encoders, unet, family: ModelFamily =
         from loracli.run.kohya_lora import create_kohya_lora
 
         encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
-        return create_kohya_lora(spec, encoders, unet, family)
+        kohya = create_kohya_lora(spec, encoders, unet, family)
+        remember_training_options(kohya, spec, family)
+        return kohya
+    if spec.blocks is not None:
+        raise ConfigError(Problem("network.block_dims", f"block-wise ranks and lr weights are sd-scripts' "
+                                  f"networks.lora options; algo {spec.algo!r} (LyCORIS) has none",
+                                  'use algo = "lora", or remove the block options'))
     from lycoris.config import PRESET
     from lycoris.kohya import LycorisNetworkKohya, create_network as lycoris_create
     from lycoris.logging import logger as lycoris_logger
@@ -88,7 +117,7 @@ def create_network(spec: NetworkSpec, text_encoders, unet, family: ModelFamily =
     alpha = spec.alpha or float(spec.dim)
     conv_dim = spec.conv_dim or spec.dim
     conv_alpha = spec.conv_alpha if spec.conv_alpha is not None else alpha
-    PRESET["loracli"] = targets_for(spec.algo)  # class-level state in lycoris: set before every create
+    PRESET["loracli"] = targets_for(spec.algo, spec.preset)  # class-level state in lycoris: set before every create
     kwargs = dict(
         algo=spec.algo, preset="loracli", conv_dim=conv_dim, conv_alpha=conv_alpha,
         dropout=spec.dropout or 0.0, rank_dropout=spec.rank_dropout, module_dropout=spec.module_dropout,
@@ -104,6 +133,7 @@ def create_network(spec: NetworkSpec, text_encoders, unet, family: ModelFamily =
     network.requires_grad_(True)
     assert isinstance(network, LycorisNetworkKohya)
     remember_names(network, kohya_names(text_encoders, unet, family))
+    remember_training_options(network, spec, family)
     return network
 
 
@@ -116,7 +146,11 @@ def prepare_param_groups(network, text_encoder_lr: float | list[float] | None, u
     """sd-scripts' groups: text encoder first, then UNet; a group whose lr is 0 is dropped.
 
     `text_encoder_lr` with two different values (SDXL) gives each encoder its own group, in order.
+    With block lr weights (plain LoRA) the UNet has one group per block, its lr the UNet lr times the block's
+    weight, in the order the blocks' first modules come. With LoRA+ each part splits into its other weights and
+    a " plus" group of its up (B) matrices at lr × ratio (sd-scripts' prepare_optimizer_params).
     """
+    plus: LoraPlus = getattr(network, "_loracli_loraplus", None) or LoraPlus()
     te_lrs = text_encoder_lr if isinstance(text_encoder_lr, list) else [text_encoder_lr]
     te_lrs = [learning_rate if lr is None else lr for lr in te_lrs]
     if len(set(te_lrs)) > 1:
@@ -126,15 +160,45 @@ def prepare_param_groups(network, text_encoder_lr: float | list[float] | None, u
     else:
         te_parts = [("textencoder", network.text_encoder_loras, te_lrs[0])]
     groups = []
-    for name, loras, lr in (*te_parts, ("unet", network.unet_loras, unet_lr)):
-        lr = learning_rate if lr is None else lr
-        params = [p for lora in loras for p in lora.parameters() if p.requires_grad]
-        if params and lr != 0:
-            groups.append({"params": params, "lr": lr, "name": name})
+    for name, loras, lr in te_parts:
+        groups += _assemble(name, loras, lr, plus.text_encoder)
+    unet_base = learning_rate if unet_lr is None else unet_lr
+    block_lr: tuple[list[float], bool] | None = getattr(network, "_loracli_block_lr", None)
+    if block_lr is not None:
+        weights, is_sdxl = block_lr
+        by_block: dict[int, list] = {}
+        for lora in network.unet_loras:
+            by_block.setdefault(block_index(lora.lora_name, is_sdxl), []).append(lora)
+        for index, loras in by_block.items():
+            groups += _assemble(f"unet_block{index}", loras, unet_base * weights[index], plus.unet)
+    else:
+        groups += _assemble("unet", network.unet_loras, unet_base, plus.unet)
     if not groups:
         raise ConfigError(Problem("optimizer.learning_rate", "every parameter group has lr 0: nothing to train",
                                   "set unet_lr or text_encoder_lr above 0"))
     return groups
+
+
+def _assemble(name: str, loras: list, lr: float, plus_ratio: float | None) -> list[dict]:
+    """One part's groups: its weights at lr; with LoRA+ its `lora_up` weights apart, at lr × ratio."""
+    base, up = [], []
+    for lora in loras:
+        for param_name, param in lora.named_parameters():
+            if param.requires_grad:
+                (up if plus_ratio is not None and "lora_up" in param_name else base).append(param)
+    out = []
+    for suffix, params, group_lr in (("", base, lr), (" plus", up, lr * (plus_ratio or 1.0))):
+        if params and group_lr != 0:
+            out.append({"params": params, "lr": group_lr, "name": name + suffix})
+    return out
+
+
+def remember_training_options(network, spec: NetworkSpec, family: ModelFamily) -> None:
+    """What prepare_param_groups needs besides the modules (sd-scripts keeps them on the network too)."""
+    object.__setattr__(network, "_loracli_loraplus", spec.loraplus)
+    weights = spec.blocks.weights(family.sai_unet_names) if spec.blocks is not None else None
+    block_lr = (weights, family.sai_unet_names) if weights is not None else None
+    object.__setattr__(network, "_loracli_block_lr", block_lr)
 
 
 def to_kohya_state_dict(network) -> dict[str, torch.Tensor]:

@@ -24,10 +24,12 @@ from loracli.config.schema import LoracliConfig
 from loracli.errors import ConfigError, Interrupted, Problem, TrainingError
 from loracli.family import FAMILIES
 from loracli.lint import trains_text_encoder
+from loracli.network_blocks import BlockOptions, extra_network_args
 from loracli.plan import Plan, load_plan
 from loracli.report.curves import write_curves
 from loracli.captions import process_caption
 from loracli.run.conditioning import Conditioner, TextCache, conditioner_for
+from loracli.dataset.subsets import image_options
 from loracli.run.data import BucketBatches, ExampleLoader, caption_options
 from loracli.run.latents import LatentCache, encode
 from loracli.run.metadata import (
@@ -37,8 +39,10 @@ from loracli.run.metadata import (
     no_metadata_subset,
     per_save_metadata,
 )
+from loracli.run.fp8 import store_in_fp8
 from loracli.run.models import SDComponents, load_sd_components
 from loracli.run.network import (
+    LoraPlus,
     NetworkSpec,
     create_network,
     load_network_weights,
@@ -47,6 +51,7 @@ from loracli.run.network import (
 )
 from loracli.run.optim import adafactor_uses_relative_step, build_optimizer, build_scheduler, current_lrs
 from loracli.run.prefetch import BatchPrefetcher, planned_jobs, to_device
+from loracli.run.precision import allow_fp16_unscale, network_dtype
 from loracli.run.progress import TrainingProgress, loading_model_line, quiet_third_party, run_summary
 from loracli.run.sampling import SampleMaker
 from loracli.run.saving import atomic_save_safetensors, cast_for_save, save_failure
@@ -80,12 +85,15 @@ def network_spec(config: LoracliConfig) -> NetworkSpec:
     extra: dict[str, object] = {"train_norm": net.train_norm, "rank_dropout_scale": net.rank_dropout_scale}
     if net.algo == "lokr":
         extra["factor"] = net.factor
+    if net.dora_wd:
+        extra["dora_wd"] = True
     return NetworkSpec(
         algo=net.algo, dim=net.dim, alpha=net.alpha, conv_dim=net.conv_dim, conv_alpha=net.conv_alpha,
         dropout=net.network_dropout, rank_dropout=net.rank_dropout, module_dropout=net.module_dropout,
         use_tucker=net.use_tucker, use_scalar=net.use_scalar,
         train_unet=not net.network_train_text_encoder_only, train_text_encoder=not net.network_train_unet_only,
-        extra_args=extra,
+        extra_args=extra, preset=net.lycoris_preset, blocks=BlockOptions.of(net), network_alpha=net.network_alpha,
+        loraplus=LoraPlus(net.loraplus_lr_ratio, net.loraplus_unet_lr_ratio, net.loraplus_text_encoder_lr_ratio),
     )
 
 
@@ -107,6 +115,7 @@ def network_args_metadata(config: LoracliConfig) -> dict[str, str] | None:
         args["rank_dropout"] = str(net.rank_dropout)
     if net.module_dropout:
         args["module_dropout"] = str(net.module_dropout)
+    args.update(extra_network_args(net))
     return args or None
 
 
@@ -231,6 +240,9 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     set_seed(tr.seed)
     device = accelerator.device
     weight_dtype = DTYPES[mixed_precision]
+    trained_dtype = network_dtype(tr.full_fp16, tr.full_bf16, mixed_precision, log)  # full_fp16 / full_bf16
+    if trained_dtype == torch.float16:
+        allow_fp16_unscale(accelerator.scaler)  # the scaler refuses fp16 gradients otherwise
 
     # --- models: frozen base weights in the training dtype, network in fp32
     log(loading_model_line(config.model.pretrained_model_name_or_path, family.title, getattr(plan, "model_path", None)))
@@ -246,7 +258,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     train_te = trains_text_encoder(config, len(sd.text_encoders))
     # with cached latents the UNet reaches the device after the cache is built (the VAE pass has it to itself)
     unet_after_cache = ds.cache_latents or ds.cache_latents_to_disk
-    _place_models(sd, network, device, weight_dtype, mixed_precision, config, unet_on_device=not unet_after_cache)
+    _place_models(sd, network, device, weight_dtype, mixed_precision, config, unet_on_device=not unet_after_cache,
+                  network_dtype=trained_dtype)
     if tr.gradient_checkpointing:
         _enable_gradient_checkpointing(sd, train_te)
     network.train()
@@ -261,6 +274,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
 
     # --- data: the plan's bucket-batches; the run never recomputes the schedule
     dataset_seed = random.Random(tr.seed).randint(0, 2**31)
+    # each image trains with its subset's options ([[datasets]]), or [dataset]'s in the folder form
+    per_image = image_options(config, plan.images)
     batches = BucketBatches(plan, tr.train_batch_size, dataset_seed, accelerator.process_index,
                             accelerator.num_processes)
     if batches.total_batches() != plan.batches_per_epoch:
@@ -269,14 +284,15 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     cache = None
     if ds.cache_latents or ds.cache_latents_to_disk:
         disk = _cache_dir() / "latents" if ds.cache_latents_to_disk else None
-        cache = LatentCache(plan, ds.flip_aug, disk)
+        cache = LatentCache(plan, [o.flip_aug for o in per_image], disk)
         cache.fill(sd.vae, family.latent_scaling_factor, config.model.pretrained_model_name_or_path,
                    ds.vae_batch_size, tr.seed)
         log(f"latents cached: {cache.encoded} encoded, {cache.count_needed() - cache.encoded} read from disk")
         sd.vae.to("cpu")  # no longer needed on the device
     if unet_after_cache:
         sd.unet.to(device)
-    loader = ExampleLoader(plan, ds, plan.total_steps, load_pixels_=cache is None, seed=tr.seed + 1)
+    loader = ExampleLoader(plan, ds, plan.total_steps, load_pixels_=cache is None, seed=tr.seed + 1,
+                           image_options=per_image)
     text_cache = _text_cache(config, plan, conditioner, device, log) if _caches_text(config) else None
     if text_cache is not None and not plan.sample_rounds:
         for te in sd.text_encoders:  # frozen and no longer read: free the device (sd-scripts does too)
@@ -549,15 +565,23 @@ def _forget_after(run_dir: Path, step: int) -> None:
 
 
 def _place_models(sd: SDComponents, network, device, weight_dtype, mixed_precision: str,
-                  config: LoracliConfig, unet_on_device: bool = True) -> None:
-    """Frozen weights in the training dtype on the device; the VAE in fp32 under fp16 (it overflows)
-    or with no_half_vae; the network in fp32. unet_on_device=False casts the UNet but leaves it where it is."""
+                  config: LoracliConfig, unet_on_device: bool = True, network_dtype: torch.dtype | None = None
+                  ) -> None:
+    """Frozen weights in the training dtype on the device (fp8_base: stored in fp8, cast before they
+    move, so the device never holds the full-size copy); the VAE in fp32 under fp16 (it overflows)
+    or with no_half_vae; the network in fp32, or network_dtype (full_fp16 / full_bf16).
+    unet_on_device=False casts the UNet but leaves it where it is."""
+    tr = config.training
     vae_fp32 = mixed_precision == "fp16" or config.model.no_half_vae
-    sd.unet.to(device if unet_on_device else None, dtype=weight_dtype)
+    fp8_modules = ([sd.unet] if tr.fp8_base or tr.fp8_base_unet else []) + \
+        (list(sd.text_encoders) if tr.fp8_base and not tr.fp8_base_unet else [])
+    for module in fp8_modules:  # after the network wrapped its layers (it finds them by class name)
+        store_in_fp8(module, weight_dtype)
+    sd.unet.to(device if unet_on_device else None, dtype=None if sd.unet in fp8_modules else weight_dtype)
     for module in sd.text_encoders:
-        module.to(device, dtype=weight_dtype)
+        module.to(device, dtype=None if module in fp8_modules else weight_dtype)
     sd.vae.to(device, dtype=torch.float32 if vae_fp32 else weight_dtype)
-    network.to(device, dtype=torch.bfloat16 if config.training.full_bf16 else None)  # full_bf16: state in bf16
+    network.to(device, dtype=network_dtype)
 
 
 def _enable_gradient_checkpointing(sd: SDComponents, train_te: bool) -> None:
@@ -578,8 +602,9 @@ def _text_cache(config: LoracliConfig, plan: Plan, conditioner: Conditioner, dev
     """Every caption the plan will show the text encoders, encoded once (captions are fixed: lint E4)."""
     disk = _cache_dir() / "text" if config.training.cache_text_encoder_outputs_to_disk else None
     cache = TextCache(conditioner, config.model.pretrained_model_name_or_path, disk)
-    options = caption_options(config.dataset)
-    captions = [process_caption(im.caption, options, 1, 0, plan.total_steps, random.Random(0)) for im in plan.images]
+    options = [caption_options(o) for o in image_options(config, plan.images)]  # each image's subset's
+    captions = [process_caption(im.caption, o, 1, 0, plan.total_steps, random.Random(0))
+                for im, o in zip(plan.images, options)]
     cache.fill(captions, device, config.dataset.vae_batch_size)
     log(f"text-encoder outputs cached: {cache.encoded} encoded, {len(cache.memory) - cache.encoded} read from disk")
     return cache
