@@ -28,30 +28,34 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
                   f"optimizer: {cfg.optimizer.optimizer_type}, {cfg.optimizer.lr_scheduler}", markup=False)
     console.print(f"learning rate: {lr_line(cfg, plan.model_family)}", markup=False)
 
-    per_subset: dict[tuple[str, bool], list] = defaultdict(list)
-    for image in plan.images:
-        per_subset[(image.subset, image.is_reg)].append(image)
-    table = Table(title="dataset", title_justify="left")
-    for col in ("folder", "kind", "images", "repeats", "samples", "captions"):
-        table.add_column(col, justify="right" if col in ("images", "repeats", "samples") else "left")
-    for (subset, is_reg), images in per_subset.items():
-        captioned = sum(1 for i in images if i.caption_source == "file")
-        repeats = sorted({i.repeats for i in images})
-        table.add_row(subset, "reg" if is_reg else "train", str(len(images)),
-                      "/".join(map(str, repeats)), str(sum(i.repeats for i in images)),
-                      f"{captioned}/{len(images)} from files")
-    console.print(table)
+    if plan.datasets:
+        print_datasets(plan, console)
+    else:
+        per_subset: dict[tuple[str, bool], list] = defaultdict(list)
+        for image in plan.images:
+            per_subset[(image.subset, image.is_reg)].append(image)
+        table = Table(title="dataset", title_justify="left")
+        for col in ("folder", "kind", "images", "repeats", "samples", "captions"):
+            table.add_column(col, justify="right" if col in ("images", "repeats", "samples") else "left")
+        for (subset, is_reg), images in per_subset.items():
+            captioned = sum(1 for i in images if i.caption_source == "file")
+            repeats = sorted({i.repeats for i in images})
+            table.add_row(subset, "reg" if is_reg else "train", str(len(images)),
+                          "/".join(map(str, repeats)), str(sum(i.repeats for i in images)),
+                          f"{captioned}/{len(images)} from files")
+        console.print(table)
     console.print(f"num train images × repeats: {plan.num_train_images}   num reg images: {plan.num_reg_images}"
                   + (f"   skipped: {len(plan.skipped)}" if plan.skipped else ""))
     if plan.validation_images:
         console.print(validation_line(cfg, plan), markup=False)
 
     buckets = Table(title="buckets", title_justify="left")
-    for col in ("resolution", "images×repeats", "batches"):
+    for col in (("dataset",) if plan.datasets else ()) + ("resolution", "images×repeats", "batches"):
         buckets.add_column(col, justify="right")
     for b in plan.buckets:
         w, h = b["resolution"]
-        buckets.add_row(f"{w}x{h}", str(b["count"]), str(b["batches"]))
+        first = (f"datasets[{b['dataset']}]",) if plan.datasets else ()
+        buckets.add_row(*first, f"{w}x{h}", str(b["count"]), str(b["batches"]))
     console.print(buckets)
     if plan.mean_ar_error is not None:
         console.print(f"mean aspect-ratio error: {plan.mean_ar_error:.4f}")
@@ -84,6 +88,34 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
         if w["source"]:
             line += f" (source: {w['source']})"
         console.print(line, style="yellow", markup=False)
+
+
+def print_datasets(plan: Plan, console: Console) -> None:
+    """[[datasets]]: each dataset's resolution, batch size and buckets, and its subsets with what they set."""
+    samples: dict[tuple[int, int | None], int] = defaultdict(int)
+    captioned: dict[tuple[int, int | None], int] = defaultdict(int)
+    for image in plan.images:
+        samples[(image.dataset, image.subset_index)] += image.repeats
+        captioned[(image.dataset, image.subset_index)] += image.caption_source == "file"
+    for d_index, d in enumerate(plan.datasets):
+        w, h = d["resolution"]
+        buckets = (f"buckets {d['min_bucket_reso']}-{d['max_bucket_reso']} step {d['bucket_reso_steps']}"
+                   + (" no upscale" if d["bucket_no_upscale"] else "")) if d["enable_bucket"] else "no bucketing"
+        table = Table(title=f"{d['key']}: {w}x{h}, batch {d['batch_size']}, {buckets}; {d['num_train_images']} "
+                      f"train images × repeats, {d['num_reg_images']} reg, {d['batches']} batches",
+                      title_justify="left")
+        for col in ("subset", "image_dir", "kind", "images", "repeats", "samples", "captions", "options"):
+            table.add_column(col, justify="right" if col in ("images", "repeats", "samples") else "left")
+        for s_index, sub in enumerate(d["subsets"]):
+            key = (d_index, s_index)
+            options = ", ".join(f"{k}={v!r}" for k, v in sub["options"].items())
+            if sub["class_tokens"] is not None:
+                options = f"class_tokens={sub['class_tokens']!r}" + (", " + options if options else "")
+            table.add_row(f"subsets[{s_index}]", sub["image_dir"].replace("\\", "/").rsplit("/", 1)[-1],
+                          "reg" if sub["is_reg"] else "train", str(sub["img_count"]), str(sub["num_repeats"]),
+                          str(samples.get(key, 0)), f"{captioned.get(key, 0)}/{sub['img_count']} from files",
+                          options or "-")
+        console.print(table)
 
 
 def validation_line(cfg: LoracliConfig, plan: Plan) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,21 +91,26 @@ class BucketBatches:
         self.batch_size = batch_size
         self.dataset_seed = dataset_seed
         self.rank, self.world = rank, world
-        self.buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+        # [[datasets]] batch with their own sizes and never share a batch (sd-scripts' DatasetGroup)
+        self.dataset_batch = {i: d["batch_size"] for i, d in enumerate(plan.datasets)}
+        self.buckets: dict[tuple[int, tuple[int, int]], list[int]] = defaultdict(list)
         for i, image in enumerate(plan.images):
-            self.buckets[tuple(image.bucket)].extend([i] * image.repeats)
+            self.buckets[(image.dataset, tuple(image.bucket))].extend([i] * image.repeats)
+
+    def _size(self, key: tuple[int, tuple[int, int]]) -> int:
+        return self.dataset_batch.get(key[0], self.batch_size)
 
     def total_batches(self) -> int:
-        return sum(math.ceil(len(v) / self.batch_size) for v in self.buckets.values())
+        return sum(math.ceil(len(v) / self._size(k)) for k, v in self.buckets.items())
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's batches for a 1-based epoch."""
         rng = random.Random(self.dataset_seed + epoch)
         batches: list[list[int]] = []
         for key in sorted(self.buckets):
-            entries = list(self.buckets[key])
+            entries, size = list(self.buckets[key]), self._size(key)
             rng.shuffle(entries)
-            batches += [entries[i:i + self.batch_size] for i in range(0, len(entries), self.batch_size)]
+            batches += [entries[i:i + size] for i in range(0, len(entries), size)]
         rng.shuffle(batches)
         mine = batches[self.rank::self.world]
         per_process = math.ceil(len(batches) / self.world)
@@ -127,25 +133,32 @@ class Batch:
 class ExampleLoader:
     """Turns a list of image indices into a Batch: pixels (unless cached) and processed captions."""
 
-    def __init__(self, plan: Plan, ds: DatasetSection, total_steps: int, load_pixels_: bool, seed: int):
+    def __init__(self, plan: Plan, ds: DatasetSection, total_steps: int, load_pixels_: bool, seed: int,
+                 image_options: Sequence[DatasetSection] | None = None):
+        """image_options: the options of each planned image's subset ([[datasets]]); None: `ds` for all."""
         self.plan = plan
         self.ds = ds
         self.total_steps = total_steps
         self.opts = caption_options(ds)
+        self.image_ds = list(image_options) if image_options is not None else [ds] * len(plan.images)
+        by_id = {id(o): caption_options(o) for o in self.image_ds}  # one CaptionOptions per subset
+        self.image_opts = [by_id[id(o)] for o in self.image_ds]
         self.load_pixels = load_pixels_
         self.rng = random.Random(seed)
 
     def __call__(self, indices: list[int], epoch: int, step: int) -> Batch:
         images = [self.plan.images[i] for i in indices]
-        flipped = [self.ds.flip_aug and self.rng.random() < 0.5 for _ in images]
-        captions = [process_caption(caption_as_read(im.caption, im.caption_lines, self.opts.enable_wildcard),
-                                    self.opts, epoch, step, self.total_steps, self.rng) for im in images]
+        dss = [self.image_ds[i] for i in indices]
+        opts = [self.image_opts[i] for i in indices]
+        flipped = [d.flip_aug and self.rng.random() < 0.5 for d in dss]
+        captions = [process_caption(caption_as_read(im.caption, im.caption_lines, o.enable_wildcard),
+                                    o, epoch, step, self.total_steps, self.rng) for im, o in zip(images, opts)]
         pixels = None
         if self.load_pixels:
             arrays = []
-            for im, flip in zip(images, flipped):
-                px = load_pixels(im, self.ds.random_crop, self.rng)
-                if self.ds.color_aug:
+            for im, flip, d in zip(images, flipped, dss):
+                px = load_pixels(im, d.random_crop, self.rng)
+                if d.color_aug:
                     px = color_augment(px, self.rng)
                 if flip:
                     px = px[:, ::-1]

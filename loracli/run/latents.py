@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,9 +46,11 @@ def cache_key(image: PlannedImage, flip: bool, vae_id: str, dtype: str) -> str:
 class LatentCache:
     """Latents of every planned image (and its mirror when flip_aug), by plan index."""
 
-    def __init__(self, plan: Plan, flip_aug: bool, disk_dir: Path | None):
+    def __init__(self, plan: Plan, flip_aug: bool | Sequence[bool], disk_dir: Path | None):
+        """flip_aug: one value, or one per planned image (its subset's flip_aug with [[datasets]])."""
         self.plan = plan
-        self.flip_aug = flip_aug
+        self.flips = [flip_aug] * len(plan.images) if isinstance(flip_aug, bool) else [bool(f) for f in flip_aug]
+        self.flip_aug = any(self.flips)
         self.disk_dir = disk_dir
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.encoded = 0  # how many were computed (not read from disk) this run
@@ -57,9 +60,8 @@ class LatentCache:
         dtype = str(vae.dtype).removeprefix("torch.")
         generator = torch.Generator(device=vae.device).manual_seed(seed)
         todo: dict[tuple[int, int], list[tuple[int, bool, Path | None]]] = {}
-        flips = (False, True) if self.flip_aug else (False,)
         for i, image in enumerate(self.plan.images):
-            for flip in flips:
+            for flip in (False, True) if self.flips[i] else (False,):  # a mirrored copy only where flip_aug
                 path = None
                 if self.disk_dir is not None:
                     path = self.disk_dir / f"{cache_key(image, flip, vae_id, dtype)}.safetensors"
@@ -88,7 +90,7 @@ class LatentCache:
                     on_progress(len(chunk))
 
     def count_needed(self) -> int:
-        return len(self.plan.images) * (2 if self.flip_aug else 1)
+        return sum(2 if flip else 1 for flip in self.flips)
 
     def batch(self, indices: list[int], flipped: list[bool]) -> torch.Tensor:
         return torch.stack([self.latents[(i, f)] for i, f in zip(indices, flipped)])

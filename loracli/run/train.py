@@ -263,7 +263,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     if tr.gradient_checkpointing:
         _enable_gradient_checkpointing(sd, train_te)
     network.train()
-    conditioner = conditioner_for(sd, ds.max_token_length, config.model.clip_skip)
+    conditioner = conditioner_for(sd, ds.max_token_length, config.model.clip_skip, tr.weighted_captions)
     if tr.zero_terminal_snr:
         enforce_zero_terminal_snr(sd.noise_scheduler)
     loss_options = LossOptions(tr.loss_type, tr.huber_schedule, tr.huber_c, tr.huber_scale,

@@ -19,6 +19,7 @@ import torch
 from loracli.captions import process_caption
 from loracli.config.schema import LoracliConfig
 from loracli.plan import Plan, PlannedImage
+from loracli.dataset.subsets import image_options
 from loracli.run.data import caption_options, load_pixels, to_tensor
 from loracli.run.latents import encode
 from loracli.run.step import compute_target, diffusion_loss
@@ -62,8 +63,10 @@ class Validator:
         self.device = device
         self.timesteps = list(plan.validation_timesteps)
         seed = plan.validation_seed or 0
-        options = replace(caption_options(config.dataset), shuffle_caption=False, caption_dropout_rate=0.0,
-                          caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0, token_warmup_step=0)
+        # each held-out image's subset's caption options ([[datasets]]), with nothing random left
+        options = {id(im): replace(caption_options(o), shuffle_caption=False, caption_dropout_rate=0.0,
+                                   caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0, token_warmup_step=0)
+                   for im, o in zip(plan.validation_images, image_options(config, plan.validation_images))}
         no_rng = random.Random(0)  # nothing random is left in these options; process_caption still wants one
         self.batches: list[ValidationBatch] = []
         groups = validation_batches(plan.validation_images, plan.train_batch_size,  # the plan's: "auto" resolved
@@ -74,7 +77,9 @@ class Validator:
             latents = encode(sd.vae, pixels, scaling_factor, _device_generator(sd.vae.device, seed + index))
             latents = latents.cpu()
             noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-            captions = [process_caption(im.caption, options, 1, 0, plan.total_steps, no_rng) for im in images]
+            # enable_wildcard: one fixed draw per held-out image (no_rng is seeded once for all of them)
+            captions = [process_caption(caption_as_read(im.caption, im.caption_lines, options[id(im)].enable_wildcard),
+                                        options[id(im)], 1, 0, plan.total_steps, no_rng) for im in images]
             batch = ValidationBatch(images, latents, noise, captions)
             if text_frozen:  # the text encoders leave the device later: encode the captions now
                 with torch.no_grad():
