@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -25,6 +27,7 @@ class CaptionOptions:
     caption_tag_dropout_rate: float = 0.0
     token_warmup_min: int = 1
     token_warmup_step: float = 0
+    enable_wildcard: bool = False
 
 
 def _pieces(text: str, separator: str, drop_empty: bool) -> list[str]:
@@ -52,6 +55,26 @@ def _split_tokens(caption: str, opts: CaptionOptions) -> tuple[list[str], list[s
     return [], tokens, []
 
 
+_WILDCARD = re.compile(r"\{([^}]+)\}")
+
+
+def expand_wildcards(caption: str, rng: random.Random) -> str:
+    """Each "{a|b|c}" becomes one of its options, drawn left to right; "{{" and "}}" are literal braces."""
+    # Park the escaped braces on markers the caption does not hold (sd-scripts' trick), then restore them.
+    open_mark, close_mark = "\u2985", "\u2986"
+    while open_mark in caption or close_mark in caption:
+        open_mark, close_mark = open_mark + "\u2985", close_mark + "\u2986"
+    caption = caption.replace("{{", open_mark).replace("}}", close_mark)
+    caption = _WILDCARD.sub(lambda m: rng.choice(m.group(1).split("|")), caption)
+    return caption.replace(open_mark, "{").replace(close_mark, "}")
+
+
+def caption_as_read(first_line: str, lines: Sequence[str], enable_wildcard: bool) -> str:
+    """What sd-scripts reads from a caption file: its first line; with enable_wildcard every non-blank
+    line, joined by newlines (process_caption then picks one per use)."""
+    return "\n".join(lines) if enable_wildcard and lines else first_line
+
+
 def _warmup_steps(opts: CaptionOptions, max_train_steps: int) -> float:
     # A value below 1 is a ratio of the whole run (sd-scripts overwrites it on first use).
     if opts.token_warmup_step < 1:
@@ -74,7 +97,14 @@ def process_caption(
     if dropped or (every > 0 and epoch % every == 0):
         return ""
 
-    caption = caption.split("\n")[0]
+    if opts.enable_wildcard:
+        # A caption file's lines (read with enable_wildcard) are alternatives: one per fetch. The prefix
+        # and suffix were joined to the whole text, so they stay on the first / last line, as in sd-scripts.
+        if "\n" in caption:
+            caption = rng.choice(caption.split("\n"))
+        caption = expand_wildcards(caption, rng)
+    else:
+        caption = caption.split("\n")[0]
 
     warmup = _warmup_steps(opts, max_train_steps)
     if opts.shuffle_caption or opts.token_warmup_step > 0 or opts.caption_tag_dropout_rate > 0:

@@ -126,6 +126,12 @@ class DatasetSection(Section):
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
+    alpha_mask: bool = Field(
+        False, description="The images' alpha channel masks the loss (transparent = not trained on), with or "
+        "without training.masked_loss, as sd-scripts; an image without alpha counts as fully opaque.")
+    conditioning_data_dir: Path | None = Field(
+        None, description="Folder of mask images, one per training image with the same file name stem and size: "
+        "its red channel masks the loss (white = trained on, black = not). Needs training.masked_loss.")
     cache_latents: bool = Field(False, description="Encode images once with the VAE and keep the latents in memory.")
     cache_latents_to_disk: bool = Field(False, description="Also keep latent caches on disk (implies cache_latents).")
     vae_batch_size: int = Field(1, ge=1, le=MAX_COUNT)
@@ -387,6 +393,9 @@ class TrainingSection(Section):
     min_timestep: int | None = Field(None, ge=0, le=1000)
     max_timestep: int | None = Field(None, ge=1, le=1000)
     prior_loss_weight: float = Field(1.0, ge=0)
+    masked_loss: bool = Field(
+        False, description="Multiply the loss by a mask: the mask images of dataset.conditioning_data_dir "
+        "(dataset.alpha_mask masks the loss by itself), as sd-scripts' --masked_loss.")
     weighted_captions: bool = Field(
         False, description='Read "(word:1.2)", "(word)", "[word]" in captions as token weights (sd-scripts\' '
         "--weighted_captions); no commas inside the brackets, or shuffle and tag dropout split them.")

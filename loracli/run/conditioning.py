@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from loracli.run.step import CLIP_CONTEXT, encode_prompts, join_windows, tokenize_windows
+from loracli.run.step import CLIP_CONTEXT, encode_prompts, encode_windows, join_windows, tokenize_windows
+from loracli.run.weighted_text import apply_window_weights, sample_prompt_embeddings, tokenize_weighted
 
 
 @dataclass
@@ -69,14 +70,21 @@ def encode_prompts_sdxl(tokenizers: Sequence[Any], text_encoders: Sequence[Any],
     """Hidden states (B, 77/152/227, w1 + w2) and the pooled vector (B, projection)."""
     ids1 = tokenize_windows(tokenizers[0], captions, max_token_length)
     ids2 = tokenize_windows(tokenizers[1], captions, max_token_length)
+    hidden1, hidden2, pooled = encode_windows_sdxl(text_encoders, tokenizers[1].eos_token_id, ids1, ids2, device)
+    return TextConditioning(torch.cat([hidden1, hidden2], dim=2), pooled)
+
+
+def encode_windows_sdxl(text_encoders: Sequence[Any], eos_id2: int, ids1: torch.Tensor, ids2: torch.Tensor,
+                        device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, n, 77) token ids of each tokenizer → each encoder's joined hidden states and bigG's pooled vector."""
     batch, count, _ = ids1.shape
     flat1, flat2 = ids1.reshape(-1, CLIP_CONTEXT).to(device), ids2.reshape(-1, CLIP_CONTEXT).to(device)
     hidden1 = text_encoders[0](flat1, output_hidden_states=True).hidden_states[-2]  # penultimate, no final norm
     out2 = text_encoders[1](flat2, output_hidden_states=True)
     hidden2 = out2.hidden_states[-2]
-    pooled = pooled_at_eos(text_encoders[1], out2.last_hidden_state, flat2, tokenizers[1].eos_token_id)
-    hidden = torch.cat([join_windows(hidden1, batch, count), join_windows(hidden2, batch, count)], dim=2)
-    return TextConditioning(hidden, pooled[::count])  # the first window's pooled vector
+    pooled = pooled_at_eos(text_encoders[1], out2.last_hidden_state, flat2, eos_id2)
+    # the first window's pooled vector
+    return join_windows(hidden1, batch, count), join_windows(hidden2, batch, count), pooled[::count]
 
 
 def crop_ltrb(bucket: tuple[int, int], original: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -109,25 +117,42 @@ def size_time_ids(sizes: Sequence[tuple[int, int]], buckets: Sequence[tuple[int,
 # --- the seam ----------------------------------------------------------------------------------------
 
 class Conditioner:
-    """SD1/SD2: text only."""
+    """SD1/SD2: text only. `weighted`: captions carry "(word:1.2)" weights (training.weighted_captions)."""
 
-    def __init__(self, sd, max_token_length: int | None, clip_skip: int | None):
+    def __init__(self, sd, max_token_length: int | None, clip_skip: int | None, weighted: bool = False):
         self.sd, self.max_token_length, self.clip_skip = sd, max_token_length, clip_skip
+        self.weighted = weighted
 
     def encode(self, captions: list[str], device: torch.device | str) -> TextConditioning:
+        if self.weighted:
+            ids, weights = tokenize_weighted(self.sd.tokenizer, captions, self.max_token_length)
+            hidden = encode_windows(self.sd.text_encoder, ids, self.clip_skip, device)
+            return TextConditioning(apply_window_weights(hidden, weights))
         return TextConditioning(encode_prompts(self.sd.tokenizer, self.sd.text_encoder, captions,
                                                self.max_token_length, self.clip_skip, device))
+
+    def encode_sample(self, prompt: str, negative: str | None, device: torch.device | str
+                      ) -> tuple[TextConditioning, TextConditioning | None]:
+        """A sample prompt and its negative (None without guidance), weights read as sd-scripts' sampler
+        reads them: its long-prompt-weighting pipeline (up to 3 windows, mean kept; README)."""
+        texts = [prompt] if negative is None else [prompt, negative]
+        hidden = sample_prompt_embeddings(self.sd.tokenizer, self.sd.text_encoder, texts, self.clip_skip, device)
+        both = TextConditioning(hidden)
+        return both.take(0), None if negative is None else both.take(1)
 
     def unet_kwargs(self, cond: TextConditioning, sizes, buckets, flipped, dtype: torch.dtype) -> dict[str, Any]:
         return {"encoder_hidden_states": cond.hidden.to(dtype)}
 
-    def pipeline_inputs(self, prompt: TextConditioning, negative: TextConditioning, dtype: torch.dtype
+    def pipeline_inputs(self, prompt: TextConditioning, negative: TextConditioning | None, dtype: torch.dtype
                         ) -> dict[str, Any]:
         """The embeddings a diffusers pipeline takes instead of text (it never runs the encoders itself)."""
-        return {"prompt_embeds": prompt.hidden.to(dtype), "negative_prompt_embeds": negative.hidden.to(dtype)}
+        out = {"prompt_embeds": prompt.hidden.to(dtype)}
+        if negative is not None:
+            out["negative_prompt_embeds"] = negative.hidden.to(dtype)
+        return out
 
     def identity(self) -> dict[str, Any]:
-        return {"max_token_length": self.max_token_length, "clip_skip": self.clip_skip,
+        return {"max_token_length": self.max_token_length, "clip_skip": self.clip_skip, "weighted": self.weighted,
                 "configs": [dict(te.config.to_dict()) for te in self.sd.text_encoders]}
 
 
@@ -135,8 +160,27 @@ class SDXLConditioner(Conditioner):
     """SDXL: both encoders, the pooled vector and the size numbers (clip_skip does not apply)."""
 
     def encode(self, captions: list[str], device: torch.device | str) -> TextConditioning:
+        if self.weighted:
+            return self._encode_weighted(captions, device)
         return encode_prompts_sdxl(self.sd.tokenizers, self.sd.text_encoders, captions, self.max_token_length,
                                    device)
+
+    def _encode_weighted(self, captions: list[str], device: torch.device | str) -> TextConditioning:
+        """Each encoder's states times its tokens' weights; the pooled vector unweighted (sd-scripts' SDXL strategy)."""
+        tokenizers = self.sd.tokenizers
+        ids1, weights1 = tokenize_weighted(tokenizers[0], captions, self.max_token_length)
+        ids2, weights2 = tokenize_weighted(tokenizers[1], captions, self.max_token_length)
+        hidden1, hidden2, pooled = encode_windows_sdxl(self.sd.text_encoders, tokenizers[1].eos_token_id, ids1, ids2,
+                                                       device)
+        hidden = torch.cat([apply_window_weights(hidden1, weights1), apply_window_weights(hidden2, weights2)], dim=2)
+        return TextConditioning(hidden, pooled)
+
+    def encode_sample(self, prompt: str, negative: str | None, device: torch.device | str
+                      ) -> tuple[TextConditioning, TextConditioning | None]:
+        """sd-scripts' SDXL sampler weights prompts as weighted training captions are weighted."""
+        texts = [prompt] if negative is None else [prompt, negative]
+        both = self._encode_weighted(texts, device)
+        return both.take(0), None if negative is None else both.take(1)
 
     def unet_kwargs(self, cond: TextConditioning, sizes, buckets, flipped, dtype: torch.dtype) -> dict[str, Any]:
         device = cond.hidden.device
@@ -147,15 +191,17 @@ class SDXLConditioner(Conditioner):
     def pipeline_inputs(self, prompt: TextConditioning, negative: TextConditioning, dtype: torch.dtype
                         ) -> dict[str, Any]:
         # The pipeline makes the size numbers itself: the sample's own size, no crop (as sd-scripts samples).
-        return {**super().pipeline_inputs(prompt, negative, dtype), "pooled_prompt_embeds": prompt.pooled.to(dtype),
-                "negative_pooled_prompt_embeds": negative.pooled.to(dtype)}
+        out = {**super().pipeline_inputs(prompt, negative, dtype), "pooled_prompt_embeds": prompt.pooled.to(dtype)}
+        if negative is not None:
+            out["negative_pooled_prompt_embeds"] = negative.pooled.to(dtype)
+        return out
 
 
 CONDITIONERS: dict[str, type[Conditioner]] = {"sd1": Conditioner, "sd2": Conditioner, "sdxl": SDXLConditioner}
 
 
-def conditioner_for(sd, max_token_length: int | None, clip_skip: int | None) -> Conditioner:
-    return CONDITIONERS[sd.family.name](sd, max_token_length, clip_skip)
+def conditioner_for(sd, max_token_length: int | None, clip_skip: int | None, weighted: bool = False) -> Conditioner:
+    return CONDITIONERS[sd.family.name](sd, max_token_length, clip_skip, weighted)
 
 
 # --- cached text-encoder outputs ----------------------------------------------------------------------

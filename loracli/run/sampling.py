@@ -4,8 +4,8 @@ The plan says when (plan.sample_rounds); this module makes the pictures: a
 diffusers StableDiffusion(XL)Pipeline over the training models (the network's
 hooks are live, so the images show the LoRA as trained so far), with
 sd-scripts' sampler names mapped to diffusers schedulers. Prompts are encoded
-by the same conditioner as training captions (clip_skip, max_token_length; SDXL's
-two encoders and pooled vector).
+through the family's conditioner as sd-scripts' samplers encode them, "(word:1.2)"
+weights included (Conditioner.encode_sample; SDXL's two encoders and pooled vector).
 Sampling draws from its own generators: the training random stream, and so a
 resumed run, is unaffected.
 """
@@ -21,7 +21,10 @@ from PIL import Image
 
 from loracli.imagegrid import labelled_grid, save_png_atomic
 from loracli.run.conditioning import Conditioner
+from loracli.run.fp8 import compute_dtype
+from loracli.prompt_weights import weighted_token_ids
 from loracli.run.step import CLIP_BODY
+from loracli.run.weighted_text import SAMPLE_MAX_WINDOWS
 from loracli.sample_prompts import SamplePrompt, image_stem, round_title
 
 # sd-scripts' --sample_sampler names → diffusers scheduler class and options (k_* are aliases).
@@ -71,15 +74,19 @@ def inference_mode(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def warn_long_prompts(tokenizer, prompts: list[SamplePrompt], max_token_length: int | None,
+def warn_long_prompts(tokenizer, prompts: list[SamplePrompt], max_token_length: int | None, family: str,
                       log: Callable[[str], None]) -> None:
-    limit = max_token_length or CLIP_BODY
+    # sd-scripts' SD1/SD2 sampler takes up to 3 windows whatever max_token_length; its SDXL one, max_token_length.
+    most = CLIP_BODY * SAMPLE_MAX_WINDOWS
+    limit = most if family != "sdxl" else max_token_length or CLIP_BODY
+    hint = "shorten it" if limit == most else "set dataset.max_token_length to 150 or 225 for longer prompts"
+    piece_ids = lambda piece: tokenizer(piece, truncation=False).input_ids[1:-1]  # noqa: E731
     for p in prompts:
         for kind, text in (("prompt", p.prompt), ("negative prompt", p.negative_prompt)):
-            count = len(tokenizer(text, truncation=False, add_special_tokens=False).input_ids)
+            count = len(weighted_token_ids(piece_ids, text, 10**6)[0])
             if count > limit:
                 log(f"warning: sample {kind} {p.index} (line {p.line}) has {count} tokens; the text encoder "
-                    f"sees the first {limit} (set dataset.max_token_length to 150 or 225 for longer prompts)")
+                    f"sees the first {limit} ({hint})")
 
 
 def latents_to_images(vae, latents: torch.Tensor, scaling_factor: float) -> list[Image.Image]:
@@ -114,8 +121,9 @@ def build_pipeline(sd, sampler: str, v_parameterization: bool):
 def generate(pipe, conditioner: Conditioner, prompt: SamplePrompt, seed: int, device: torch.device) -> Image.Image:
     """One image; call inside no_grad (inference_mode) and the training autocast."""
     sd = conditioner.sd
-    both = conditioner.encode([prompt.prompt, prompt.negative_prompt], device)
-    embeds = conditioner.pipeline_inputs(both.take(0), both.take(1), sd.unet.dtype)
+    guided = prompt.scale > 1  # diffusers, like sd-scripts, runs no negative pass at a scale of 1 or less
+    positive, negative = conditioner.encode_sample(prompt.prompt, prompt.negative_prompt if guided else None, device)
+    embeds = conditioner.pipeline_inputs(positive, negative, compute_dtype(sd.unet))  # fp8_base: not fp8
     generator = torch.Generator("cpu").manual_seed(seed)  # the same picture on any device
     latents = pipe(
         **embeds, width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
@@ -134,7 +142,7 @@ class SampleMaker:
         self.base_seed = base_seed
         self.output_name, self.folder = output_name, folder
         self.pipe = build_pipeline(sd, sampler, v_parameterization)
-        warn_long_prompts(sd.tokenizer, prompts, conditioner.max_token_length, log)
+        warn_long_prompts(sd.tokenizer, prompts, conditioner.max_token_length, sd.family.name, log)
 
     def image_path(self, label: str, prompt: SamplePrompt) -> Path:
         return self.folder / f"{image_stem(self.output_name, label, prompt)}.png"

@@ -253,6 +253,12 @@ def tokenize_windows(tokenizer, captions: list[str], max_token_length: int | Non
     length = CLIP_CONTEXT if max_token_length is None else max_token_length + 2
     ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=length,
                     return_tensors="pt").input_ids
+    return split_windows(ids, tokenizer)
+
+
+def split_windows(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """(batch, 2 + 75·n) padded token ids → (batch, n, 77): BOS, 75 tokens and the last id per window."""
+    length = ids.shape[1]
     if length == CLIP_CONTEXT:
         return ids.unsqueeze(1)
 
@@ -296,7 +302,12 @@ def encode_prompts(
     device: torch.device | str,
 ) -> torch.Tensor:
     """Encoder hidden states (batch, 2 + 75·windows, hidden): 77, 152 or 227 positions."""
-    windows = tokenize_windows(tokenizer, captions, max_token_length)
+    return encode_windows(text_encoder, tokenize_windows(tokenizer, captions, max_token_length), clip_skip, device)
+
+
+def encode_windows(text_encoder, windows: torch.Tensor, clip_skip: int | None, device: torch.device | str
+                   ) -> torch.Tensor:
+    """(batch, n, 77) token ids → hidden states (batch, 2 + 75·n, hidden), windows joined."""
     batch, count, _ = windows.shape
     tokens = windows.reshape(-1, CLIP_CONTEXT).to(device)
     if clip_skip is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from loracli.captions import process_caption
+from loracli.captions import caption_as_read, process_caption
 from loracli.config.schema import LoracliConfig
 from loracli.plan import Plan, PlannedImage
 from loracli.dataset.subsets import image_options
