@@ -255,3 +255,21 @@ def extra_network_args(network: object) -> dict[str, str]:
     if getattr(network, "dora_wd"):
         args["dora_wd"] = "True"
     return args
+
+
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
+def parse_network_item(key: str, text: str) -> object:
+    """A network_args value as sd-scripts' networks.lora reads it, typed for loracli's schema."""
+    if key in ("down_lr_weight", "up_lr_weight"):
+        return parse_lr_weight_arg(text)
+    if key == "mid_lr_weight":  # always split at commas
+        return [float(s) if s.strip() else 0.0 for s in text.split(",")]
+    if key in ("block_dims", "conv_block_dims"):
+        return [int(s) for s in text.split(",")]
+    if key in ("block_alphas", "conv_block_alphas"):
+        return [float(s) for s in text.split(",")]
+    if key in ("block_lr_zero_threshold", *LORAPLUS_KEYS):
+        return float(text)
+    return text

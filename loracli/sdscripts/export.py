@@ -28,6 +28,7 @@ from loracli.dataset.images import extension
 from loracli.dataset.scan import parse_folder_name
 from loracli.errors import ConfigError, Problem
 from loracli.family import FAMILIES, SDXL, ModelFamily
+from loracli.network_blocks import extra_network_args
 from loracli.plan import Plan
 from loracli.rundir import atomic_write_text
 from loracli.sdscripts.lycoris_targets import PRESET_FILE, targets_for
@@ -143,7 +144,7 @@ def _network(config: LoracliConfig, exp: Export, args: dict[str, Any]) -> None:
     if module == "lycoris.kohya":
         # LyCORIS' own preset=full also wraps conv_in/conv_out/time_embedding and fails on SD UNets
         # ("duplicated lora name"); the file names loracli's targets (write_export makes the path absolute).
-        exp.lycoris_preset = targets_for(net.algo)
+        exp.lycoris_preset = targets_for(net.algo, net.lycoris_preset)
         items += [f"algo={net.algo}", f"preset={PRESET_FILE}"]
         if net.algo == "lora":  # loracli wraps no 3x3 convs for lora, whatever the module
             _report_changed(net, ("conv_dim", "conv_alpha"), exp)
@@ -157,9 +158,15 @@ def _network(config: LoracliConfig, exp: Export, args: dict[str, Any]) -> None:
             items.append(f"factor={net.factor}")
         elif net.factor != _default("network.factor"):
             exp.unsupported.append(("network.factor", f"only used by algo=lokr, not {net.algo}"))
-        exp.notes.append(f"network.lycoris_preset: {net.lycoris_preset!r} is written as {PRESET_FILE} (loracli's "
-                         "target table: the transformer, ResNet and up/down-sampler blocks and the CLIP attention/MLP "
-                         "layers), not LyCORIS' preset=full, which lycoris_lora 4.1.3 refuses on SD UNets")
+        if net.lycoris_preset == "full":
+            exp.notes.append(f"network.lycoris_preset: {net.lycoris_preset!r} is written as {PRESET_FILE} (loracli's "
+                             "target table: the transformer, ResNet and up/down-sampler blocks and the CLIP "
+                             "attention/MLP layers), not LyCORIS' preset=full, which lycoris_lora 4.1.3 refuses on "
+                             "SD UNets")
+        else:
+            exp.notes.append(f"network.lycoris_preset: {net.lycoris_preset!r} is written as {PRESET_FILE} (LyCORIS' "
+                             "preset of that name as loracli applies it, naming the layers of both diffusers' and "
+                             "sd-scripts' UNets)")
         exp.notes.append("LyCORIS networks need `pip install lycoris_lora` in the sd-scripts environment")
     elif net.conv_dim is not None:  # networks.lora with conv_dim: kohya's LoRA-C3Lier, as loracli trains it
         items += [f"conv_dim={net.conv_dim}", f"conv_alpha={_number(net.conv_alpha if net.conv_alpha is not None else 1)}"]
@@ -170,6 +177,8 @@ def _network(config: LoracliConfig, exp: Export, args: dict[str, Any]) -> None:
         value = getattr(net, key)
         if value:
             items.append(f"{key}={_number(value)}")
+    # block-wise LoRA, LoRA+ and DoRA as sd-scripts reads them (plan-time rules keep each with its module)
+    items += [f"{key}={text}" for key, text in extra_network_args(net).items()]
     if items:
         args["network_args"] = items
 

@@ -20,8 +20,9 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from loracli.config.schema import OptimizerArg
+from loracli.network_blocks import BLOCK_KEYS, LORAPLUS_KEYS, parse_network_item
 from loracli.sdscripts.import_result import ImportResult
-from loracli.sdscripts.lycoris_targets import same_targets
+from loracli.sdscripts.lycoris_targets import PRESETS, preset_named
 from loracli.sdscripts.options import (
     SDXL_TRAIN_NETWORK,
     TRAIN_NETWORK,
@@ -49,8 +50,6 @@ REASONS: dict[str, str] = {
     "max_data_loader_n_workers": "data-loader tuning of sd-scripts; loracli picks its own workers",
     "persistent_data_loader_workers": "data-loader tuning of sd-scripts; loracli picks its own workers",
     "mem_eff_attn": "loracli uses SDPA attention (or xformers with training.xformers)",
-    "full_fp16": "loracli keeps trained weights in fp32 (or bf16 with training.full_bf16); no fp16 gradient scaler patch",
-    "fp8_base": "loracli has no fp8 base model",
     "disable_mmap_load_safetensors": "a model-loading speed switch of sd-scripts; loracli loads models its own way",
     "save_state": "loracli saves training states on a step interval: set output.save_state_every_n_steps",
     "save_state_on_train_end": "loracli saves training states on a step interval: set output.save_state_every_n_steps",
@@ -70,8 +69,6 @@ REASONS: dict[str, str] = {
     "face_crop_aug_range": "face-crop augmentation is not implemented in loracli",
     "enable_wildcard": "wildcard captions are not implemented in loracli",
     "caption_extention": "misspelt alias of caption_extension",
-    "torch_compile": "loracli does not compile the model",
-    "dynamo_backend": "loracli does not compile the model",
     "mixed_precision_accelerate": "accelerate's own precision flag; loracli uses training.mixed_precision",
 }
 # Options whose only job is the command line itself.
@@ -263,7 +260,7 @@ def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[st
 
     if module == "networks.lora":
         result.set("network.network_module", "networks.lora", mod_label)
-        kohya_keys = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
+        kohya_keys = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", *BLOCK_KEYS, *LORAPLUS_KEYS}
         result.set("network.algo", "lora", mod_label)
         if "conv_dim" in items and "conv_alpha" not in items:
             # networks.lora's own default; LyCORIS would take alpha instead
@@ -272,10 +269,12 @@ def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[st
         for key, text in items.items():
             label = item_label(key)
             if key in kohya_keys:
-                result.set(f"network.{key}", text, label)
+                _set_network_item(result, key, text, label)
+            elif key == "dora_wd":
+                result.skip(label, "sd-scripts' networks.lora has no DoRA and ignores dora_wd; DoRA is LyCORIS' "
+                                   "(network_module=lycoris.kohya, algo=locon)")
             else:
-                result.skip(label, f"networks.lora option {key}={text} is not supported by loracli "
-                                   "(block-wise dims/lr and LoRA+ are not implemented)")
+                result.skip(label, f"networks.lora option {key}={text} is not supported by loracli")
         return
 
     if module != "lycoris.kohya":
@@ -300,22 +299,36 @@ def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[st
     preset = items.pop("preset", None)
     if preset is not None:
         label = item_label("preset")
-        if preset == "full":
-            result.set("network.lycoris_preset", "full", label)
+        if preset in PRESETS:
+            result.set("network.lycoris_preset", preset, label)
         elif preset.lower().endswith(".toml"):
             _import_preset_file(preset, algo, base_dir, result, label)
         else:
-            result.skip(label, f"LyCORIS preset {preset!r} is not supported: loracli trains the 'full' targets")
+            result.skip(label, f"LyCORIS preset {preset!r} is not supported: loracli has {', '.join(PRESETS)}")
     for key, text in items.items():
         label = item_label(key)
         target = NET_ARG_ALIASES.get(key, key)
         dotted = "network.network_dropout" if target == "network_dropout" else key_for_network_arg(target)
-        if dotted is None:
+        if key in BLOCK_KEYS:
+            result.skip(label, f"{key} is a networks.lora option; LyCORIS ignores it")
+        elif dotted is None:
             result.skip(label, f"LyCORIS option {key}={text} is not supported by loracli")
+        elif key in LORAPLUS_KEYS:
+            _set_network_item(result, key, text, label)
         elif dotted == "network.network_dropout" and "network_dropout" in name_of:
             result.skip(label, "network_dropout is also given")
         else:
             result.set(dotted, text, label)
+
+
+def _set_network_item(result: ImportResult, key: str, text: str, label: str) -> None:
+    """A block/LoRA+ network arg: its text as sd-scripts parses it (lists split at commas, shapes by name)."""
+    try:
+        value = parse_network_item(key, text)
+    except ValueError as exc:
+        result.skip(label, f"{text!r} is not a valid {key}: {exc}")
+        return
+    result.set(f"network.{key}", value, label)
 
 
 def _import_preset_file(preset: str, algo: str, base_dir: Path | None, result: ImportResult, label: str) -> None:
@@ -330,9 +343,10 @@ def _import_preset_file(preset: str, algo: str, base_dir: Path | None, result: I
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         result.skip(label, f"the LyCORIS preset file {found} cannot be read ({exc})")
         return
-    if same_targets(data, algo):
-        result.set("network.lycoris_preset", "full", label)
-        result.note(f"{label}: {found.name} names loracli's targets for {algo} (lycoris_preset = \"full\")")
+    name = preset_named(data, algo)
+    if name is not None:
+        result.set("network.lycoris_preset", name, label)
+        result.note(f"{label}: {found.name} names loracli's targets for {algo} (lycoris_preset = \"{name}\")")
     else:
         result.skip(label, f"the LyCORIS preset file {found} selects other layers than loracli's 'full' targets "
                            "(transformer, ResNet and up/down-sampler blocks; CLIP attention and MLP)")

@@ -286,6 +286,10 @@ MAPPINGS: tuple[KeyMapping, ...] = tuple(
     + _net_args("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "use_tucker", "use_scalar",
                 "train_norm", "rank_dropout_scale")
     + [KeyMapping("network.factor", network_arg="factor", note="LoKr only")]
+    + _net_args("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
+                "block_alphas", "conv_block_dims", "conv_block_alphas")  # networks.lora only (E50)
+    + _net_args("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+    + [KeyMapping("network.dora_wd", network_arg="dora_wd", note="LyCORIS only (E51)")]
     + _args("optimizer", "optimizer_type", "learning_rate", "unet_lr", "text_encoder_lr", "lr_scheduler",
             "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "max_grad_norm")
     + [KeyMapping("optimizer.optimizer_args", arg="optimizer_args", optimizer_args=True,
@@ -302,6 +306,12 @@ MAPPINGS: tuple[KeyMapping, ...] = tuple(
                    note="accelerate launch --num_processes N (with --multi_gpu when N > 1)"),
         KeyMapping("training.vram_gb", unsupported="loracli's VRAM estimate; sd-scripts has no such option"),
         KeyMapping("training.full_bf16", arg="full_bf16"),
+        KeyMapping("training.full_fp16", arg="full_fp16"),
+        KeyMapping("training.fp8_base", arg="fp8_base"),
+        KeyMapping("training.fp8_base_unet", arg="fp8_base_unet"),
+        KeyMapping("training.torch_compile", arg="torch_compile"),
+        KeyMapping("training.dynamo_backend", arg="dynamo_backend",
+                   note="loracli accepts the backends current torch runs: inductor, aot_eager, eager, cudagraphs"),
         KeyMapping("training.cache_text_encoder_outputs", arg="cache_text_encoder_outputs",
                    only_script=SDXL_TRAIN_NETWORK,
                    unsupported="train_network.py (SD1.x/2.x) has no --cache_text_encoder_outputs; only the SDXL "
