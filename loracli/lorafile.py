@@ -265,6 +265,17 @@ def dataset_dirs(meta: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _per_dataset_training(meta: dict[str, Any]) -> dict[str, str]:
+    """--dataset_config files keep resolution and batch size per dataset in ss_datasets: "512x512 / 1024x1024"."""
+    datasets = meta.get("ss_datasets")
+    if "ss_resolution" in meta or not isinstance(datasets, list):
+        return {}
+    datasets = [d for d in datasets if isinstance(d, dict)]
+    res = [d.get("resolution") for d in datasets]
+    return {"resolution": " / ".join(f"{r[0]}x{r[1]}" if isinstance(r, list) and len(r) == 2 else str(r) for r in res),
+            "batch_size_per_device": " / ".join(str(d.get("batch_size_per_device")) for d in datasets)}
+
+
 def tag_counts(meta: dict[str, Any]) -> Counter:
     """Tag → images captioned with it, over every folder (sd-scripts counts per folder)."""
     total: Counter = Counter()
@@ -316,7 +327,8 @@ def inspect_file(path: Path, top: int = 10) -> dict[str, Any]:
             "modelspec_architecture": meta.get("modelspec.architecture"),
             "guess_from_weights": base_model_guess(modules, header),
         },
-        "training": {name: meta[key] for key, name in _TRAINING_KEYS.items() if key in meta},
+        "training": {**{name: meta[key] for key, name in _TRAINING_KEYS.items() if key in meta},
+                     **_per_dataset_training(meta)},
         "dataset_dirs": dataset_dirs(meta),
         "tags": {"unique": len(tags), "top": [[t, n] for t, n in tags.most_common(max(top, 0))]},
         "hashes": {name: meta[key] for key, name in _HASH_KEYS.items() if key in meta},

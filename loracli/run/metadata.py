@@ -4,7 +4,7 @@ metadata viewer read loracli files like sd-scripts ones.
 
 Values are the `str()` of the Python value sd-scripts would hold (`"None"`,
 `"False"`, `"(512, 512)"`) or `json.dumps` with its defaults for the JSON keys.
-loracli always runs in sd-scripts' folder mode (no `--dataset_config`). Options
+A folder-form config records sd-scripts' folder mode; [[datasets]] its --dataset_config mode. Options
 loracli does not have are recorded with sd-scripts' defaults so every key exists.
 Only `assemble_file_metadata` needs torch (lazily, through `saving`).
 """
@@ -36,11 +36,8 @@ UNKNOWN_COMMIT = "(unknown)"
 # sd-scripts options loracli has no setting for, with sd-scripts' defaults.
 _FIXED_DEFAULTS: dict[str, Any] = {
     "ss_num_validation_images": 0,
-    "ss_full_fp16": False,
     "ss_lowram": False,
     "ss_face_crop_aug_range": None,
-    "ss_fp8_base": False,
-    "ss_fp8_base_unet": False,
     "ss_validation_seed": None,
     "ss_validation_split": 0.0,
     "ss_max_validation_steps": None,
@@ -178,6 +175,10 @@ def build_metadata(
         "ss_prior_loss_weight": tr.prior_loss_weight,
         "ss_scale_weight_norms": net.scale_weight_norms,
         **_FIXED_DEFAULTS,
+        # full_fp16 as the run does it: a CPU runs fp16 as fp32, and full_fp16 with it
+        "ss_full_fp16": bool(tr.full_fp16 and (mixed_precision or tr.mixed_precision) == "fp16"),
+        "ss_fp8_base": bool(tr.fp8_base),
+        "ss_fp8_base_unet": bool(tr.fp8_base_unet),
         # validation: the options as given (sd-scripts records its args), images × repeats held out
         "ss_num_validation_images": sum(im.repeats for im in getattr(plan, "validation_images", []) or []),
         "ss_validation_seed": ds.validation_seed,
@@ -204,6 +205,10 @@ def build_metadata(
         "ss_tag_frequency": json.dumps(plan.tag_frequency),
         "ss_bucket_info": json.dumps(_bucket_info(config, plan)),
     }
+    if getattr(plan, "datasets", None):  # [[datasets]]: what sd-scripts writes with --dataset_config
+        for key in FOLDER_MODE_KEYS:
+            values.pop(key, None)
+        values.update(dataset_config_metadata(config, plan))
     if network_args is not None:
         args = dict(network_args)
         args.setdefault("dropout", net.network_dropout)
@@ -213,6 +218,60 @@ def build_metadata(
     meta["loracli_version"] = __version__
     meta["loracli_config_hash"] = config_hash
     return meta
+
+
+# Keys sd-scripts writes only without --dataset_config (their values live in ss_datasets then).
+FOLDER_MODE_KEYS = ("ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_color_aug", "ss_flip_aug",
+                    "ss_random_crop", "ss_shuffle_caption", "ss_enable_bucket", "ss_bucket_no_upscale",
+                    "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_keep_tokens", "ss_reg_dataset_dirs",
+                    "ss_bucket_info")
+
+
+def dataset_config_metadata(config: LoracliConfig, plan: Plan) -> dict[str, str]:
+    """ss_datasets (one entry per dataset, with its subsets), ss_tag_frequency and ss_dataset_dirs as
+    sd-scripts' train_network.py writes them for a --dataset_config run (JSON strings)."""
+    from loracli.dataset.subsets import dataset_specs
+
+    specs = dataset_specs(config)
+    datasets, tag_frequency, dirs = [], {}, {}
+    for spec, planned in zip(specs, plan.datasets):
+        bucket_info = None
+        if planned["enable_bucket"]:
+            mean = planned["mean_ar_error"] if planned["mean_ar_error"] is not None else 0
+            bucket_info = {"buckets": {i: {"resolution": list(b["resolution"]), "count": b["count"]}
+                                       for i, b in enumerate(planned["buckets"])}, "mean_img_ar_error": mean}
+        subsets = []
+        for sub, info in zip(spec.subsets, planned["subsets"]):
+            if not info["img_count"]:  # sd-scripts drops a subset without images
+                continue
+            o = sub.options
+            name = os.path.basename(os.path.normpath(str(sub.image_dir)))
+            subsets.append({
+                "img_count": info["img_count"], "num_repeats": sub.num_repeats, "color_aug": bool(o.color_aug),
+                "flip_aug": bool(o.flip_aug), "random_crop": bool(o.random_crop),
+                "shuffle_caption": bool(o.shuffle_caption), "keep_tokens": o.keep_tokens,
+                "keep_tokens_separator": o.keep_tokens_separator, "secondary_separator": o.secondary_separator,
+                "enable_wildcard": bool(getattr(o, "enable_wildcard", False)), "caption_prefix": o.caption_prefix,
+                "caption_suffix": o.caption_suffix, "resize_interpolation": None, "image_dir": name,
+                "class_tokens": sub.class_tokens, "is_reg": sub.is_reg,
+            })
+            if not sub.is_reg:  # ss_dataset_dirs merges the training folders of every dataset
+                unique, n = name, 2
+                while unique in dirs:
+                    unique, n = f"{name} ({n})", n + 1
+                dirs[unique] = {"n_repeats": sub.num_repeats, "img_count": info["img_count"]}
+        datasets.append({
+            "is_dreambooth": True, "batch_size_per_device": planned["batch_size"],
+            "num_train_images": planned["num_train_images"], "num_reg_images": planned["num_reg_images"],
+            "resolution": list(planned["resolution"]), "enable_bucket": bool(planned["enable_bucket"]),
+            "min_bucket_reso": planned["min_bucket_reso"], "max_bucket_reso": planned["max_bucket_reso"],
+            "tag_frequency": planned["tag_frequency"], "bucket_info": bucket_info, "resize_interpolation": None,
+            "subsets": subsets,
+        })
+        for folder, freq in planned["tag_frequency"].items():  # a folder several datasets use counts once
+            tag_frequency.setdefault(folder, freq)
+    return {"ss_datasets": json.dumps(datasets), "ss_tag_frequency": json.dumps(tag_frequency),
+            "ss_dataset_dirs": json.dumps(dirs)}
 
 
 def per_save_metadata(base: Mapping[str, str], *, steps: int, epoch: int, finished_at: float) -> dict[str, str]:
