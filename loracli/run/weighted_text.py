@@ -81,7 +81,7 @@ def _lpw_tokens(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.
 
 def _lpw_hidden(text_encoder, tokens: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
     if clip_skip is None or clip_skip == 1:
-        return text_encoder(tokens)[0]
+        return text_encoder(tokens).last_hidden_state
     out = text_encoder(tokens, output_hidden_states=True)
     return _final_layer_norm(text_encoder)(out.hidden_states[-clip_skip])
 

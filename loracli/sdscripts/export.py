@@ -53,7 +53,7 @@ SUBSET_LEVEL = {
     "caption_extension", "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator",
     "secondary_separator", "caption_prefix", "caption_suffix", "caption_dropout_rate",
     "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
-    "flip_aug", "color_aug", "random_crop",
+    "flip_aug", "color_aug", "random_crop", "enable_wildcard",
 }
 # One CLIP window: sd-scripts spells this as "no --max_token_length".
 TOKEN_WINDOW = 75

@@ -67,7 +67,6 @@ REASONS: dict[str, str] = {
     "lr_scheduler_args": "custom scheduler classes are not supported: use one of loracli's lr_scheduler names",
     "dim_from_weights": "set network.network_dim to the file's rank with network.network_weights",
     "face_crop_aug_range": "face-crop augmentation is not implemented in loracli",
-    "enable_wildcard": "wildcard captions are not implemented in loracli",
     "caption_extention": "misspelt alias of caption_extension",
     "mixed_precision_accelerate": "accelerate's own precision flag; loracli uses training.mixed_precision",
 }

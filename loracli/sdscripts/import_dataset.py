@@ -27,7 +27,6 @@ SUBSET_ONLY = {"image_dir", "is_reg", "num_repeats", "class_tokens", "metadata_f
 NOT_SUPPORTED = {
     "network_multiplier": "per-dataset network multipliers are not supported",
     "resize_interpolation": "loracli resizes with its own interpolation (area down, lanczos up)",
-    "enable_wildcard": "wildcard captions are not implemented in loracli",
     "face_crop_aug_range": "face-crop augmentation is not implemented in loracli",
     "custom_attributes": "custom subset attributes are not supported",
     "cache_info": "loracli scans the folders itself (no metadata_cache.json)",

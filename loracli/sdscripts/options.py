@@ -273,7 +273,7 @@ MAPPINGS: tuple[KeyMapping, ...] = tuple(
                "caption_extension", "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator",
                "secondary_separator", "caption_prefix", "caption_suffix", "caption_dropout_rate",
                "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
-               "token_warmup_step", "flip_aug", "color_aug", "random_crop")
+               "token_warmup_step", "flip_aug", "color_aug", "random_crop", "enable_wildcard")
     + _args("dataset", "cache_latents", "cache_latents_to_disk", "vae_batch_size", "max_token_length")
     + [
         KeyMapping("network.network_module", arg="network_module",
@@ -300,7 +300,7 @@ MAPPINGS: tuple[KeyMapping, ...] = tuple(
             "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount", "min_snr_gamma",
             "min_timestep", "max_timestep", "prior_loss_weight", "ip_noise_gamma", "ip_noise_gamma_random_strength",
             "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "zero_terminal_snr",
-            "loss_type", "huber_schedule", "huber_c", "huber_scale")
+            "loss_type", "huber_schedule", "huber_c", "huber_scale", "weighted_captions")
     + [
         KeyMapping("training.num_processes", accelerate="num_processes",
                    note="accelerate launch --num_processes N (with --multi_gpu when N > 1)"),
