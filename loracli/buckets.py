@@ -176,12 +176,41 @@ def assign_no_upscale(size: Size, resolution: Size, step: int) -> BucketAssignme
     return BucketAssignment(bucket, resized, _centre_crop(resized, bucket), bucket[0] / bucket[1] - image_ar)
 
 
-def assign_fixed(size: Size, resolution: Size) -> BucketAssignment:
-    """enable_bucket = false: one bucket, the resolution; cover-resize and centre-crop
-    (what sd-scripts does when it caches latents)."""
+def assign_fixed(size: Size, resolution: Size, resize: bool = True) -> BucketAssignment:
+    """enable_bucket = false: one bucket, the resolution.
+
+    sd-scripts treats the two paths differently. Caching latents goes through its bucket
+    manager with the one bucket: cover-resize and centre-crop (`resize`). Training from
+    pixels never resizes: the image is used as it is and cropped to the resolution, at a
+    random place (random_crop); `fixed_size_problem` says which images it refuses.
+    """
     _check_size(size)
     w, h = size
-    return _cover((w, h), (resolution[0], resolution[1]), w / h)
+    if resize:
+        return _cover((w, h), (resolution[0], resolution[1]), w / h)
+    return BucketAssignment(tuple(resolution), (w, h), _centre_crop((w, h), resolution),
+                            resolution[0] / resolution[1] - w / h)
+
+
+def fixed_size_problem(size: Size, resolution: Size, random_crop: bool) -> tuple[str, str] | None:
+    """(message, fix) when sd-scripts' unbucketed, uncached path refuses an image of `size`, else None.
+
+    It stops with "image size is small" when a side is under the resolution (after its crop),
+    and with "image too large, but cropping and bucketing are disabled" when a side is over
+    it without random_crop (the first check it makes; a small side is reported first here,
+    because random_crop would not help it).
+    """
+    (w, h), (rw, rh) = size, resolution
+    if w < rw or h < rh:
+        return (f"is {w}x{h}, smaller than the resolution {rw}x{rh}: with enable_bucket = false and latents "
+                f"not cached, sd-scripts never resizes (it stops with 'image size is small')",
+                f"set enable_bucket = true, or enlarge the image to at least {rw}x{rh}")
+    if (w > rw or h > rh) and not random_crop:
+        return (f"is {w}x{h}, larger than the resolution {rw}x{rh}: with enable_bucket = false and latents "
+                f"not cached, sd-scripts only crops, and only at random (it stops with 'image too large, but "
+                f"cropping and bucketing are disabled')",
+                f"set random_crop = true or enable_bucket = true, or crop the image to {rw}x{rh}")
+    return None
 
 
 def count_batches(bucket_counts: dict[Size, int], batch_size: int) -> dict[Size, int]:

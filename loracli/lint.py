@@ -131,6 +131,9 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
                            f'needs training.mixed_precision = "bf16" (now "{tr.mixed_precision}")',
                            'set mixed_precision = "bf16", or remove full_bf16'))
     out.extend(_precision_findings(tr))
+    from loracli.dataset.masks import mask_rules  # E60-E65 (here, not at the top: it imports this module)
+
+    out.extend(mask_rules(config))
     # E3: the adafactor schedule only exists for the Adafactor optimizer.
     if opt.lr_scheduler == "adafactor" and optimizer.lower() != "adafactor":
         out.append(Finding("error", "E3", "optimizer.lr_scheduler",

@@ -27,6 +27,7 @@ from loracli.buckets import (
 )
 from loracli.config.loader import ResolvedConfig
 from loracli.config.schema import DatasetSection, LoracliConfig
+from loracli.dataset.masks import plan_pixels
 from loracli.dataset.scan import DatasetScan, scan_dataset
 from loracli.errors import ConfigError, DatasetError, Problem
 from loracli.family import ModelFamily
@@ -68,6 +69,7 @@ class PlannedImage:
     caption_lines: tuple[str, ...] = ()  # a multi-line caption file's lines (enable_wildcard picks one per use)
     dataset: int = 0  # index into [[datasets]] (0 in the folder form)
     subset_index: int | None = None  # index into that dataset's subsets; None in the folder form
+    mask: str = ""  # the loss-mask image from conditioning_data_dir ("" when none)
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,9 @@ def _raise_errors(findings: list[Finding]) -> None:
 def _assigner(ds: DatasetSection, notes: list[str]):
     """The function that puts one image size into its bucket, per the dataset options."""
     resolution = ds.resolution_wh
-    if not ds.enable_bucket:
-        return lambda size: assign_fixed(size, resolution)
+    if not ds.enable_bucket:  # sd-scripts resizes only when it caches latents (buckets.assign_fixed)
+        resize = ds.cache_latents or ds.cache_latents_to_disk
+        return lambda size: assign_fixed(size, resolution, resize)
     if ds.bucket_no_upscale:
         notes.append("bucket_no_upscale: min/max_bucket_reso are not used (as in sd-scripts)")
         return lambda size: assign_no_upscale(size, resolution, ds.bucket_reso_steps)
@@ -253,12 +256,14 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         ]
         dataset_summaries = []
     ds, tr = config.dataset, config.training
+    planned, held_out, pixel_findings = plan_pixels(config, planned, held_out)  # unbucketed sizes, loss masks
     try:
         schedule = compute_schedule(sum(b["batches"] for b in buckets), tr.num_processes, tr.gradient_accumulation_steps,
                                     tr.max_train_epochs, tr.max_train_steps)
     except ValueError as exc:
         raise ConfigError(Problem("training.max_train_epochs", str(exc))) from None
     findings += lint_data(config, scan, schedule, buckets)
+    findings += pixel_findings
     findings += validation_findings(config, holdout)
     findings += memory.findings
     findings += schedule_findings(config, probe.path, probe.kind)

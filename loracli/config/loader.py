@@ -31,6 +31,7 @@ else:  # pragma: no cover
 PATH_KEYS = {
     "dataset.train_data_dir",
     "dataset.reg_data_dir",
+    "dataset.conditioning_data_dir",
     "network.network_weights",
     "output.output_dir",
     "sample.sample_prompts",
@@ -136,16 +137,21 @@ def _resolve_paths(values: dict[str, Any], base_dir: Path) -> dict[str, Any]:
 
 
 def _resolve_subset_dirs(dataset: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    dataset = _resolve_folder_keys(dataset, ("conditioning_data_dir",), base_dir)
     subsets = dataset.get("subsets")
     if not isinstance(subsets, list):
         return dataset
-    resolved = []
-    for subset in subsets:
-        if isinstance(subset, dict) and isinstance(subset.get("image_dir"), str):
-            p = Path(subset["image_dir"]).expanduser()
-            subset = {**subset, "image_dir": os.path.normpath(p if p.is_absolute() else (base_dir / p))}
-        resolved.append(subset)
+    resolved = [_resolve_folder_keys(subset, ("image_dir", "conditioning_data_dir"), base_dir)
+                if isinstance(subset, dict) else subset for subset in subsets]
     return {**dataset, "subsets": resolved}
+
+
+def _resolve_folder_keys(table: dict[str, Any], keys: tuple[str, ...], base_dir: Path) -> dict[str, Any]:
+    for key in keys:
+        if isinstance(table.get(key), str):
+            p = Path(table[key]).expanduser()
+            table = {**table, key: os.path.normpath(p if p.is_absolute() else (base_dir / p))}
+    return table
 
 
 def _did_you_mean(section: str | None, key: str) -> str:
