@@ -2,7 +2,8 @@
 
 What a LoRA step keeps on the device, term by term:
 - frozen weights: every parameter of the UNet and of the text encoders (unless their outputs
-  are cached) in the training dtype, the VAE too when latents are not cached; the counts come
+  are cached) in the training dtype (1 byte with fp8_base/fp8_base_unet, the text encoders'
+  token embeddings excepted), the VAE too when latents are not cached; the counts come
   from the safetensors headers (exact), the dtype from mixed_precision;
 - the network (fp32, or the half type with full_fp16/full_bf16), its gradients and the
   optimizer state: AdamW 2 moments, 8-bit optimizers 2 bytes per moment, Prodigy 4 buffers,
@@ -36,6 +37,7 @@ TRANSFORMER_SAVED = 26.0  # per BasicTransformerBlock (norms, q/k/v, attention o
 SPATIAL_SAVED = 3.5  # per Transformer2DModel: norm, proj_in, proj_out around the blocks
 TEXT_LAYER_SAVED = 16.0  # per CLIP layer, × hidden × tokens, when the text encoder trains
 HALF_ACTIVATION_FACTOR = 0.5  # bf16/fp16 autocast: saved activations in the half type (measured: 0.50 of fp32)
+CLIP_VOCAB = 49_408  # token embedding rows of every SD text encoder (kept out of fp8)
 CHECKPOINT_OVERHEAD = 1.8  # with checkpointing: block inputs kept, plus a recomputed block's worth
 
 # optimizer state in bytes per trained parameter (fp32 parameters)
@@ -277,7 +279,8 @@ def estimate(counts: ModelCounts, *, batch_size: int, bucket: tuple[int, int], m
              gradient_checkpointing: bool, cache_latents: bool, cache_text_encoder_outputs: bool,
              train_unet: bool, train_text_encoder: bool, algo: str, dim: int, conv_dim: int | None,
              optimizer_type: str, vae_batch_size: int = 1, no_half_vae: bool = False,
-             network_half: bool = False, fp8_base: bool = False, math_attention: bool = False) -> VramEstimate:
+             network_half: bool = False, fp8_base: bool = False, fp8_text_encoder: bool = False,
+             math_attention: bool = False) -> VramEstimate:
     half = mixed_precision in ("fp16", "bf16")
     wbytes = 2 if half else 4
     notes: list[str] = []
@@ -286,7 +289,10 @@ def estimate(counts: ModelCounts, *, batch_size: int, bucket: tuple[int, int], m
     parts["UNet weights"] = unet_bytes
     te_params = counts.params.get("text_encoder", 0) + counts.params.get("text_encoder_2", 0)
     if not cache_text_encoder_outputs or train_text_encoder:
-        parts["text encoder weights"] = te_params * wbytes
+        # fp8: the Linear weights take 1 byte; the token embeddings (CLIP's vocabulary) stay in the compute dtype
+        embeddings = sum(CLIP_VOCAB * hidden for _, hidden in counts.text_layers) if fp8_text_encoder else 0
+        parts["text encoder weights"] = (te_params - embeddings) * (1 if fp8_text_encoder else wbytes) \
+            + embeddings * wbytes
     vae_bytes = counts.params.get("vae", 0) * (4 if (mixed_precision == "fp16" or no_half_vae or not half) else 2)
     if not cache_latents:
         parts["VAE weights"] = vae_bytes
@@ -416,7 +422,8 @@ def estimate_for_config(config, counts: ModelCounts, bucket: tuple[int, int], ba
         train_unet=not net.network_train_text_encoder_only,
         train_text_encoder=trains_text_encoder(config, text_encoders), algo=net.algo, dim=net.dim,
         conv_dim=net.conv_dim, optimizer_type=config.optimizer.optimizer_type, vae_batch_size=ds.vae_batch_size,
-        no_half_vae=config.model.no_half_vae, network_half=tr.full_bf16,
+        no_half_vae=config.model.no_half_vae, network_half=tr.full_bf16 or tr.full_fp16,
+        fp8_base=tr.fp8_base or tr.fp8_base_unet, fp8_text_encoder=tr.fp8_base and not tr.fp8_base_unet,
     )
 
 

@@ -28,6 +28,7 @@ from loracli.network_blocks import BlockOptions, extra_network_args
 from loracli.plan import Plan, load_plan
 from loracli.report.curves import write_curves
 from loracli.captions import process_caption
+from loracli.run.compiled import StepTiming, compile_failure, compile_unet
 from loracli.run.conditioning import Conditioner, TextCache, conditioner_for
 from loracli.dataset.subsets import image_options
 from loracli.run.data import BucketBatches, ExampleLoader, caption_options
@@ -177,6 +178,10 @@ def train(run_dir: Path, resume: bool = False) -> Path:
         status.write(state="failed", error=message)
         raise TrainingError(message) from None
     except Exception as exc:
+        failure = compile_failure(exc, config.training.dynamo_backend) if config.training.torch_compile else None
+        if failure is not None:  # torch.compile could not build the UNet: one line naming the option
+            status.write(state="failed", error=str(failure))
+            raise failure from None
         try:
             status.write(state="failed", error=f"{type(exc).__name__}: {exc}")
         except OSError:  # a full disk must not replace the original error
@@ -263,6 +268,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     if tr.gradient_checkpointing:
         _enable_gradient_checkpointing(sd, train_te)
     network.train()
+    if tr.torch_compile:  # compiled at the first forward (and again per new bucket shape at first)
+        compile_unet(sd.unet, tr.dynamo_backend)
     conditioner = conditioner_for(sd, ds.max_token_length, config.model.clip_skip, tr.weighted_captions)
     if tr.zero_terminal_snr:
         enforce_zero_terminal_snr(sd.noise_scheduler)
@@ -438,9 +445,11 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                                                     plan.total_steps),
                                pin_memory=device.type == "cuda" and cache is None)
     position = (global_step, start_epoch, skip)
+    timing = StepTiming(tr.torch_compile)
     progress.__enter__()
     try:
         sample(0, 0)  # sample_at_first
+        timing.start()  # the time to the first step counts from here (compiling, first allocations)
         for epoch in range(start_epoch, plan.epochs + 1):
             epoch_batches = batches.epoch_batches(epoch)
             status.write(epoch=epoch)
@@ -492,6 +501,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                     network.apply_max_norm_regularization(net.scale_weight_norms, device)
                 global_step += 1
                 position = (global_step, epoch, i + 1)  # what a state saved now would resume from
+                timing.stepped(status, log)
 
                 losses.add(global_step, epoch, loss, current_lrs(optimizer, lr_scheduler))
                 if losses.due():
@@ -538,6 +548,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         for line in run_summary(run_dir, status.data["started_at"], resumed_at,
                                 tr.train_batch_size * tr.gradient_accumulation_steps * plan.num_processes):
             log(line)
+        timing.finished(status, log)
     return final
 
 
