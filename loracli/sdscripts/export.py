@@ -258,8 +258,30 @@ def _subsets(config: LoracliConfig, plan: Plan) -> list[dict[str, Any]]:
     return subsets
 
 
+def _datasets_toml(config: LoracliConfig) -> dict[str, Any]:
+    """[[datasets]]: one to one. [dataset] is [general] (every dataset key it has, batch_size from
+    train_batch_size); each dataset and subset writes the keys it sets itself."""
+    names = {m.key.split(".", 1)[1]: m.dataset for m in MAPPINGS if m.dataset and m.key.startswith("dataset.")}
+    own = {"batch_size": "batch_size", "num_repeats": "num_repeats", "class_tokens": "class_tokens",
+           "image_dir": "image_dir", "is_reg": "is_reg"}
+    general: dict[str, Any] = {}
+    for m in MAPPINGS:
+        value = _value(config, m.key) if m.dataset else None
+        if value is not None:
+            general[m.dataset] = _plain(value)
+    datasets = []
+    for entry in config.datasets:
+        table = {(own | names)[k]: _plain(v) for k, v in entry if k in own | names and v is not None}
+        table["subsets"] = [{(own | names)[k]: _plain(v) for k, v in sub if k in own | names and v is not None}
+                            for sub in entry.subsets]
+        datasets.append(table)
+    return {"general": general, "datasets": datasets}
+
+
 def dataset_toml(config: LoracliConfig, plan: Plan) -> dict[str, Any]:
     """The dataset TOML: caption options in [general], buckets per dataset, one subset per folder."""
+    if config.datasets:
+        return _datasets_toml(config)
     ds = config.dataset
     general: dict[str, Any] = {}
     dataset: dict[str, Any] = {"resolution": _plain(ds.resolution), "batch_size": config.training.train_batch_size}

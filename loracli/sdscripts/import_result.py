@@ -71,8 +71,11 @@ class ImportResult:
         if text not in self.notes:
             self.notes.append(text)
 
-    def ordered_values(self) -> dict[str, dict[str, Any]]:
-        return {s: dict(self.values[s]) for s in SECTION_ORDER if self.values.get(s)}
+    def ordered_values(self) -> dict[str, Any]:
+        out: dict[str, Any] = {s: dict(self.values[s]) for s in SECTION_ORDER if self.values.get(s)}
+        if self.values.get("datasets"):  # [[datasets]] (a dataset config), after the sections
+            out["datasets"] = self.values["datasets"]
+        return out
 
 
 def _field(dotted: str):

@@ -172,7 +172,7 @@ def _toml_script(text: str, args: dict[str, Any], result: ImportResult, prefix: 
 
 
 def _is_loracli_config(data: dict[str, Any]) -> bool:
-    if not data or not set(data) <= set(SECTIONS) or "model" not in data:
+    if not data or not set(data) <= set(SECTIONS) | {"datasets"} or "model" not in data:
         return False
     try:
         LoracliConfig.model_validate(data)
@@ -342,6 +342,9 @@ def _validate(result: ImportResult) -> None:
             dotted = ".".join(str(p) for p in err["loc"])
             dotted = REQUIRED.get(dotted, dotted)  # a whole missing section: name its required key
             result.note(f"{dotted} is required and the input does not set it: add it before training")
+    if not result.has("dataset.train_data_dir") and not result.values.get("datasets"):
+        result.note("dataset.train_data_dir is required and the input does not set it (nor a dataset config): "
+                    "add it before training")
     _apply_rules(result)
 
 
@@ -389,10 +392,11 @@ def _apply_rules(result: ImportResult) -> None:
     from loracli.lint import lint_config
 
     for _ in range(8):
-        values = {s: dict(t) for s, t in result.values.items()}
+        values = {s: dict(t) if isinstance(t, dict) else t for s, t in result.values.items()}
         for section, table in _PLACEHOLDERS.items():
             for key, value in table.items():
-                values.setdefault(section, {}).setdefault(key, value)
+                if not (section == "dataset" and values.get("datasets")):  # [[datasets]] name the data
+                    values.setdefault(section, {}).setdefault(key, value)
         try:
             config = LoracliConfig.model_validate(values)
         except ValidationError:
