@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from loracli.config.schema import LoracliConfig
+from loracli.errors import DatasetError, Problem
 from loracli.prompt_weights import PromptWeightError, parse_prompt_attention
 
 if TYPE_CHECKING:
@@ -73,9 +74,11 @@ def _separator_inside_brackets(caption: str, separator: str) -> bool:
 
 
 def caption_data_findings(config: LoracliConfig, scan: DatasetScan) -> list[Finding]:
+    """W70 findings; E71/E72 (a caption or sample prompt whose weight is no number) raise a DatasetError."""
     from loracli.lint import Finding
 
     out: list[Finding] = []
+    problems: list[Problem] = []
     if config.training.weighted_captions:
         bad: list[tuple[str, str]] = []
         split: list[str] = []
@@ -92,10 +95,8 @@ def caption_data_findings(config: LoracliConfig, scan: DatasetScan) -> list[Find
                     if reorders and _separator_inside_brackets(caption, separator):
                         split.append(str(image.caption_path or image.path))
         # E71: sd-scripts stops at the first step that meets such a caption (float() of the weight fails).
-        if bad:
-            out.append(Finding("error", "E71", bad[0][0], bad[0][1] + (f" ({len(bad)} captions like this)"
-                                                                       if len(bad) > 1 else ""),
-                               "fix the weight, or escape the brackets as \\( \\)", SD_WEIGHTS))
+        problems += [Problem(where, f"[E71] {message}", "fix the weight, or escape the brackets as \\( \\)")
+                     for where, message in bad]
         # W70: shuffle/tag dropout split captions at the separator, brackets and all.
         if split:
             out.append(Finding("warning", "W70", split[0],
@@ -113,6 +114,8 @@ def caption_data_findings(config: LoracliConfig, scan: DatasetScan) -> list[Find
                     parse_prompt_attention(text)
                 except PromptWeightError as exc:
                     # E72: sample prompts are always read with weights (sd-scripts' sampling pipelines).
-                    out.append(Finding("error", "E72", f"sample.sample_prompts line {p.line}", str(exc),
-                                       "fix the weight, or escape the brackets as \\( \\)", SD_WEIGHTS))
+                    problems.append(Problem(f"sample.sample_prompts: {prompts} line {p.line}", f"[E72] {exc}",
+                                            "fix the weight, or escape the brackets as \\( \\)"))
+    if problems:  # a data file is wrong: exit 3, like every other unreadable input
+        raise DatasetError(problems)
     return out
