@@ -34,6 +34,7 @@ from loracli.family import ModelFamily
 from loracli.lint import Finding, lint_config, lint_data, lint_network_weights, pickle_checkpoint_finding
 from loracli import preflight
 from loracli.model_probe import probe_model, resolve_family
+from loracli.network_layout import network_module_counts
 from loracli.sample_prompts import round_label
 from loracli.vram import plan_memory
 from loracli.validation_split import Holdout, split_seed, validation_findings, validation_timesteps
@@ -120,6 +121,9 @@ class Plan:
     # [[datasets]]: per dataset its batch size, resolution, bucket options, counts, buckets and subsets
     # (PlannedDatasets.summaries); empty in the folder form
     datasets: list[dict[str, Any]] = field(default_factory=list)
+    # LoRA modules per part (each text encoder, each UNet block as sd-scripts numbers them): {"part", "modules",
+    # "ranks"} rows from the model's configs (loracli.network_layout); empty when they cannot be read
+    network_modules: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -313,6 +317,7 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         validation_seed=holdout.seed if held_out else None,
         validation_timesteps=validation_timesteps(tr.min_timestep, tr.max_timestep) if held_out else [],
         datasets=dataset_summaries,
+        network_modules=network_module_counts(config.network, family, probe.path, probe.kind),
     )
 
 

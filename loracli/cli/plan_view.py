@@ -64,6 +64,9 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
     console.print(f"batches per epoch: {plan.batches_per_epoch}  steps per epoch: {plan.steps_per_epoch}  "
                   f"epochs: {plan.epochs}  total steps: {plan.total_steps}  warmup steps: {plan.warmup_steps}")
     console.print(f"files: {', '.join(plan.expected_files)}")
+    modules_line = network_modules_line(plan.network_modules)
+    if modules_line:
+        console.print(modules_line, markup=False)
     from loracli.vram import vram_lines
 
     for line in vram_lines(getattr(plan, "vram", {})):
@@ -132,6 +135,20 @@ def validation_line(cfg: LoracliConfig, plan: Plan) -> str:
     return (f"validation: {len(plan.validation_images)} images held out (split {cfg.dataset.validation_split:g}, "
             f"seed {plan.validation_seed}; {folders}), never trained on; the steps above count the rest. "
             f"Loss {' and '.join(when)}{limit}, at timesteps {timesteps} with fixed noise")
+
+
+def network_modules_line(rows: list[dict]) -> str:
+    """'LoRA modules: 264 (text encoder 72, unet down1 14 ...)'; ranks in brackets where they vary or are set."""
+    if not rows:
+        return ""
+    total = sum(r["modules"] for r in rows)
+    ranks = {rank for r in rows for rank in r["ranks"]}
+    parts = []
+    for r in rows:
+        rank = f" [rank {'/'.join(str(x) for x in r['ranks'])}]" if len(ranks) > 1 else ""
+        parts.append(f"{r['part']} {r['modules']}{rank}")
+    common = f", rank {ranks.pop()}" if len(ranks) == 1 else ""
+    return f"LoRA modules: {total}{common} ({', '.join(parts)})"
 
 
 def lr_line(cfg: LoracliConfig, model_family: str) -> str:

@@ -24,6 +24,26 @@ TINY_MODELS = {"tiny:sd15": f"tiny-sd15-v{TINY_VERSION}", "tiny:sdxl": "tiny-sdx
 MERGES = ["t h", "th e</w>", "a n", "i n", "o n", "e r", "r e", "a r", "o r", "e n"]
 
 
+# The tiny UNets' configs and text-encoder depths as plain values, so the plan side (torch-free) can lay out
+# their LoRA modules before a tiny model is ever built (loracli.network_layout).
+TINY_SD15_UNET = {
+    "sample_size": 8, "block_out_channels": (32, 64), "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 32,
+}
+TINY_SDXL_TIME_DIM = 8  # SDXL: 256 per number, 6 numbers; pooled 1280 → 2816
+TINY_SDXL_UNET = {
+    "sample_size": 8, "block_out_channels": (32, 64, 64), "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 1, 2), "attention_head_dim": (1, 1, 1),  # 64-wide heads, as SDXL
+    "cross_attention_dim": 96, "use_linear_projection": True, "norm_num_groups": 32,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": TINY_SDXL_TIME_DIM,
+    "projection_class_embeddings_input_dim": 32 + 6 * TINY_SDXL_TIME_DIM,
+}
+TINY_TEXT_LAYERS = {"tiny:sd15": (2,), "tiny:sdxl": (2, 3)}  # num_hidden_layers of each text encoder
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LORACLI_CACHE") or Path.home() / ".cache" / "loracli")
 
@@ -59,11 +79,7 @@ def build_tiny_sd15(target: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)  # deterministic weights: the same model on every machine
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**TINY_SD15_UNET)
     vae = AutoencoderKL(
         block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8,
@@ -111,16 +127,7 @@ def build_tiny_sdxl(target: Path) -> None:
         num_attention_heads=1, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
         pad_token_id=tokenizer_2.pad_token_id, **specials,
     ))
-    time_dim = 8  # SDXL: 256 per number, 6 numbers; pooled 1280 → 2816
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 1, 1),  # 64-wide heads, as SDXL
-        cross_attention_dim=96, use_linear_projection=True, norm_num_groups=32,
-        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=32 + 6 * time_dim,
-    )
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET)
     vae = AutoencoderKL(
         block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8,
