@@ -142,6 +142,13 @@ def load_rgb(path: Path) -> PILImage:
     alpha (RGBA, LA, PA, P with a transparent colour) keep their colour channels and drop alpha,
     as sd-scripts does for RGBA. ValueError says why a file cannot be used.
     """
+    return load_rgb_and_alpha(path, alpha=False)[0]
+
+
+def load_rgb_and_alpha(path: Path, alpha: bool = True) -> tuple[PILImage, PILImage | None]:
+    """`load_rgb`, plus the alpha channel as an upright "L" image when the file has one (alpha bands,
+    a palette's transparent colour) and `alpha` is asked for; None for a file without transparency,
+    which sd-scripts' alpha_mask treats as fully opaque."""
     from PIL import Image
 
     im = _open(path)
@@ -150,6 +157,7 @@ def load_rgb(path: Path) -> PILImage:
         try:
             im.load()
             rgb = _to_rgb(im)
+            band = _alpha_band(im) if alpha else None
         except (OSError, SyntaxError, EOFError, struct.error) as exc:
             raise ValueError(f"cannot decode the image ({exc})") from None
     finally:
@@ -157,7 +165,23 @@ def load_rgb(path: Path) -> PILImage:
     transpose = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
                  7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}.get(orientation)
-    return rgb.transpose(transpose) if transpose is not None else rgb
+    if transpose is None:
+        return rgb, band
+    return rgb.transpose(transpose), None if band is None else band.transpose(transpose)
+
+
+def load_mask(path: Path) -> PILImage:
+    """A conditioning_data_dir mask: the red channel of the picture in RGB (what sd-scripts reads), upright."""
+    return load_rgb(path).getchannel("R")
+
+
+def _alpha_band(im: PILImage) -> PILImage | None:
+    mode = im.mode
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        return im.convert("RGBA").getchannel("A")
+    if mode in ("La", "RGBa"):  # premultiplied: the alpha band is the same
+        return im.getchannel("A")
+    return None
 
 
 def _to_rgb(im: PILImage) -> PILImage:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from loracli.captions import CaptionOptions, caption_as_read, process_caption
-from loracli.dataset.images import load_rgb
+from loracli.dataset.images import load_mask, load_rgb_and_alpha
 from loracli.config.schema import DatasetSection
 from loracli.errors import DatasetError, Problem
 from loracli.plan import Plan, PlannedImage
@@ -52,30 +52,67 @@ def caption_options(ds: DatasetSection) -> CaptionOptions:
     )
 
 
+ALPHA = "alpha"  # mask source: the image's own alpha channel (dataset.alpha_mask)
+
+
+def mask_source(image: PlannedImage, options: DatasetSection) -> str | None:
+    """Where an image's loss mask comes from: its alpha channel, its conditioning_data_dir mask image, or none."""
+    if options.alpha_mask:
+        return ALPHA
+    return getattr(image, "mask", "") or None
+
+
 def load_pixels(image: PlannedImage, random_crop: bool, rng: random.Random) -> np.ndarray:
     """Resize to the planned size, then crop the overflow (centre, or random with random_crop)."""
+    return load_example(image, random_crop, rng, None)[0]
+
+
+def load_example(image: PlannedImage, random_crop: bool, rng: random.Random, mask_from: str | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The pixels (H, W, 3 uint8) and, with a mask source, the mask (H, W uint8, 255 = trained on) resized and
+    cropped with them, pixel for pixel; an image without alpha under alpha_mask gets a full mask (sd-scripts)."""
     try:
-        return _load_pixels(image, random_crop, rng)
+        return _load_example(image, random_crop, rng, mask_from)
     except (OSError, ValueError) as exc:  # the plan reads headers only: a broken body shows up here
         raise DatasetError(Problem(image.path, f"cannot read the image ({exc})", "re-save or remove it")) from None
 
 
-def _load_pixels(image: PlannedImage, random_crop: bool, rng: random.Random) -> np.ndarray:
+def _load_example(image: PlannedImage, random_crop: bool, rng: random.Random, mask_from: str | None
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
     # load_rgb is what the plan's header reader mirrors: same EXIF orientation, same refusals.
-    with load_rgb(Path(image.path)) as im:
-        if im.size != tuple(image.size):
-            raise ValueError(f"its size changed since it was planned: {im.size} != {tuple(image.size)}")
-        if tuple(image.resized) != im.size:
-            grows = image.resized[0] > im.size[0] or image.resized[1] > im.size[1]
-            # sd-scripts: area averaging when shrinking, Lanczos when enlarging.
-            im = im.resize(tuple(image.resized), Image.LANCZOS if grows else Image.BOX)
-        bw, bh = image.bucket
-        rw, rh = image.resized
-        if random_crop:
-            x, y = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
-        else:
-            x, y = image.crop_offset
-        return np.asarray(im.crop((x, y, x + bw, y + bh)), dtype=np.uint8)
+    im, mask = load_rgb_and_alpha(Path(image.path), alpha=mask_from == ALPHA)
+    if im.size != tuple(image.size):
+        raise ValueError(f"its size changed since it was planned: {im.size} != {tuple(image.size)}")
+    if mask_from == ALPHA and mask is None:
+        mask = Image.new("L", im.size, 255)
+    elif mask_from not in (None, ALPHA):
+        mask = _mask_image(Path(mask_from), im.size)
+    if tuple(image.resized) != im.size:
+        grows = image.resized[0] > im.size[0] or image.resized[1] > im.size[1]
+        # sd-scripts: area averaging when shrinking, Lanczos when enlarging; the mask goes with the pixels.
+        resample = Image.LANCZOS if grows else Image.BOX
+        im = im.resize(tuple(image.resized), resample)
+        mask = None if mask is None else mask.resize(tuple(image.resized), resample)
+    bw, bh = image.bucket
+    rw, rh = image.resized
+    if random_crop:
+        x, y = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
+    else:
+        x, y = image.crop_offset
+    box = (x, y, x + bw, y + bh)
+    pixels = np.asarray(im.crop(box), dtype=np.uint8)
+    return pixels, None if mask is None else np.asarray(mask.crop(box), dtype=np.uint8)
+
+
+def _mask_image(path: Path, size: tuple[int, int]):
+    try:
+        mask = load_mask(path)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(Problem(str(path), f"cannot read the mask image ({exc})", "re-save or replace it")) from None
+    if mask.size != size:
+        raise DatasetError(Problem(str(path), f"is {mask.size[0]}x{mask.size[1]}, its image {size[0]}x{size[1]} "
+                                   "(changed since it was planned?)", "save the mask at the image's size"))
+    return mask
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -128,6 +165,7 @@ class Batch:
     flipped: list[bool]
     captions: list[str]
     is_reg: torch.Tensor  # B bool
+    masks: torch.Tensor | None = None  # B,H,W loss masks in [0, 1] at pixel size (None: no image masked)
 
 
 class ExampleLoader:
@@ -153,16 +191,28 @@ class ExampleLoader:
         flipped = [d.flip_aug and self.rng.random() < 0.5 for d in dss]
         captions = [process_caption(caption_as_read(im.caption, im.caption_lines, o.enable_wildcard),
                                     o, epoch, step, self.total_steps, self.rng) for im, o in zip(images, opts)]
-        pixels = None
+        pixels = masks = None
         if self.load_pixels:
-            arrays = []
+            arrays, mask_arrays = [], []
             for im, flip, d in zip(images, flipped, dss):
-                px = load_pixels(im, d.random_crop, self.rng)
+                px, mask = load_example(im, d.random_crop, self.rng, mask_source(im, d))
                 if d.color_aug:
-                    px = color_augment(px, self.rng)
+                    px = color_augment(px, self.rng)  # the colour channels only, as sd-scripts
                 if flip:
                     px = px[:, ::-1]
+                    mask = None if mask is None else mask[:, ::-1]
                 arrays.append(to_tensor(px))
+                mask_arrays.append(mask)
             pixels = torch.stack(arrays)
+            masks = stack_masks(mask_arrays, pixels.shape[2:])
         is_reg = torch.tensor([im.is_reg for im in images], dtype=torch.bool)
-        return Batch(indices, pixels, flipped, captions, is_reg)
+        return Batch(indices, pixels, flipped, captions, is_reg, masks)
+
+
+def stack_masks(masks: Sequence[np.ndarray | None], size: Sequence[int]) -> torch.Tensor | None:
+    """(B, H, W) float masks in [0, 1]; an image without a mask in a masked batch gets ones (sd-scripts);
+    None when no image of the batch is masked."""
+    if all(m is None for m in masks):
+        return None
+    ones = torch.ones(tuple(size), dtype=torch.float32)
+    return torch.stack([ones if m is None else torch.from_numpy(m.copy()).float().div(255.0) for m in masks])

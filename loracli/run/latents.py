@@ -14,11 +14,12 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from loracli.plan import Plan, PlannedImage
-from loracli.run.data import load_pixels, to_tensor
+from loracli.run.data import ALPHA, load_example, stack_masks, to_tensor
 
 
 def encode(vae, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -33,21 +34,33 @@ def vae_identity(name_or_path: str, vae) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_key(image: PlannedImage, flip: bool, vae_id: str, dtype: str) -> str:
+def cache_key(image: PlannedImage, flip: bool, vae_id: str, dtype: str, mask_from: str | None = None) -> str:
     stat = os.stat(image.path)
     ident = {
         "path": str(Path(image.path).resolve()), "mtime_ns": stat.st_mtime_ns, "bytes": stat.st_size,
         "size": list(image.size), "bucket": list(image.bucket), "resized": list(image.resized),
         "crop": list(image.crop_offset), "flip": flip, "vae": vae_id, "dtype": dtype,
     }
+    if mask_from is not None:  # the file then also holds the mask (sd-scripts' npz holds alpha_mask)
+        ident["mask"] = mask_from if mask_from == ALPHA else _file_identity(mask_from)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _file_identity(path: str) -> dict[str, object]:
+    stat = os.stat(path)
+    return {"path": str(Path(path).resolve()), "mtime_ns": stat.st_mtime_ns, "bytes": stat.st_size}
 
 
 class LatentCache:
     """Latents of every planned image (and its mirror when flip_aug), by plan index."""
 
-    def __init__(self, plan: Plan, flip_aug: bool | Sequence[bool], disk_dir: Path | None):
-        """flip_aug: one value, or one per planned image (its subset's flip_aug with [[datasets]])."""
+    def __init__(self, plan: Plan, flip_aug: bool | Sequence[bool], disk_dir: Path | None,
+                 mask_sources: Sequence[str | None] | None = None):
+        """flip_aug: one value, or one per planned image (its subset's flip_aug with [[datasets]]).
+        mask_sources: each planned image's loss-mask source (data.mask_source); the mask is cached beside
+        the latents (pixel size, unflipped; mirrored when a flipped latent is used), as sd-scripts' npz."""
+        self.mask_sources = list(mask_sources) if mask_sources is not None else [None] * len(plan.images)
+        self.masks: dict[int, np.ndarray] = {}  # H,W uint8 per masked image
         self.plan = plan
         self.flips = [flip_aug] * len(plan.images) if isinstance(flip_aug, bool) else [bool(f) for f in flip_aug]
         self.flip_aug = any(self.flips)
@@ -64,9 +77,13 @@ class LatentCache:
             for flip in (False, True) if self.flips[i] else (False,):  # a mirrored copy only where flip_aug
                 path = None
                 if self.disk_dir is not None:
-                    path = self.disk_dir / f"{cache_key(image, flip, vae_id, dtype)}.safetensors"
-                    if path.is_file():
-                        self.latents[(i, flip)] = load_file(path)["latents"]
+                    mask_from = self.mask_sources[i]
+                    path = self.disk_dir / f"{cache_key(image, flip, vae_id, dtype, mask_from)}.safetensors"
+                    saved = load_file(path) if path.is_file() else {}
+                    if "latents" in saved and (mask_from is None or "mask" in saved):
+                        self.latents[(i, flip)] = saved["latents"]
+                        if mask_from is not None:
+                            self.masks[i] = saved["mask"].numpy()
                         continue
                 todo.setdefault(tuple(image.bucket), []).append((i, flip, path))
         rng = random.Random(seed)  # unused: cached latents never random-crop (lint E5)
@@ -75,8 +92,10 @@ class LatentCache:
                 chunk = bucket_items[start:start + batch_size]
                 pixels = []
                 for i, flip, _ in chunk:
-                    px = load_pixels(self.plan.images[i], False, rng)
+                    px, mask = load_example(self.plan.images[i], False, rng, self.mask_sources[i])
                     pixels.append(to_tensor(px[:, ::-1] if flip else px))
+                    if mask is not None:
+                        self.masks[i] = mask
                 latents = encode(vae, torch.stack(pixels), scaling_factor, generator).cpu()
                 for (i, flip, path), latent in zip(chunk, latents):
                     self.latents[(i, flip)] = latent
@@ -84,7 +103,10 @@ class LatentCache:
                     if path is not None:
                         path.parent.mkdir(parents=True, exist_ok=True)
                         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                        save_file({"latents": latent.contiguous()}, tmp)
+                        tensors = {"latents": latent.contiguous()}
+                        if i in self.masks:
+                            tensors["mask"] = torch.from_numpy(np.array(self.masks[i]))  # a writable copy
+                        save_file(tensors, tmp)
                         tmp.replace(path)
                 if on_progress:
                     on_progress(len(chunk))
@@ -94,3 +116,10 @@ class LatentCache:
 
     def batch(self, indices: list[int], flipped: list[bool]) -> torch.Tensor:
         return torch.stack([self.latents[(i, f)] for i, f in zip(indices, flipped)])
+
+    def mask_batch(self, indices: list[int], flipped: list[bool]) -> torch.Tensor | None:
+        """The batch's loss masks (B, H, W) in [0, 1], mirrored with flipped latents; None when none is masked."""
+        masks = [self.masks.get(i) for i in indices]
+        masks = [m if m is None or not f else m[:, ::-1] for m, f in zip(masks, flipped)]
+        width, height = self.plan.images[indices[0]].bucket  # a batch never mixes buckets
+        return stack_masks(masks, (height, width))

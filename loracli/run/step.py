@@ -194,6 +194,15 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, h
     return 2 * c * soft if loss_type == "huber" else 2 * soft
 
 
+def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """sd-scripts' apply_masked_loss: the (B, H, W) pixel-size mask in [0, 1], area-averaged down to the
+    loss's spatial size, multiplies the per-element loss (every channel) before any mean."""
+    if mask is None:
+        return loss
+    mask = F.interpolate(mask.to(loss.device, loss.dtype).unsqueeze(1), size=loss.shape[2:], mode="area")
+    return loss * mask
+
+
 def _snr_capped(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return torch.clamp(compute_snr(noise_scheduler, timesteps), max=1000)  # t=0 has an infinite SNR
 
@@ -207,12 +216,14 @@ def diffusion_loss(
     min_snr_gamma: float | None,
     v_parameterization: bool,
     options: LossOptions = LossOptions(),
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-element loss (l2, l1, pseudo-Huber) → mean per sample → × loss weight → min-SNR weight →
+    """Per-element loss (l2, l1, pseudo-Huber) → × loss mask (masked_loss, alpha_mask) → mean per sample → × loss weight → min-SNR weight →
     v-prediction-like scaling / added loss → debiased estimation → batch mean (sd-scripts' order)."""
     huber_c = huber_c_per_sample(options, timesteps, noise_scheduler)
     loss = elementwise_loss(model_pred.float(), target.float(), options.loss_type,
                             None if huber_c is None else huber_c.to(model_pred.device))
+    loss = apply_loss_mask(loss, mask)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     weights = torch.as_tensor(loss_weights, dtype=torch.float32, device=loss.device)
     loss = loss * weights

@@ -31,7 +31,7 @@ from loracli.captions import process_caption
 from loracli.run.compiled import StepTiming, compile_failure, compile_unet
 from loracli.run.conditioning import Conditioner, TextCache, conditioner_for
 from loracli.dataset.subsets import image_options
-from loracli.run.data import BucketBatches, ExampleLoader, caption_options
+from loracli.run.data import BucketBatches, ExampleLoader, caption_options, mask_source
 from loracli.run.latents import LatentCache, encode
 from loracli.run.metadata import (
     assemble_file_metadata,
@@ -291,7 +291,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     cache = None
     if ds.cache_latents or ds.cache_latents_to_disk:
         disk = _cache_dir() / "latents" if ds.cache_latents_to_disk else None
-        cache = LatentCache(plan, [o.flip_aug for o in per_image], disk)
+        cache = LatentCache(plan, [o.flip_aug for o in per_image], disk,
+                            [mask_source(im, o) for im, o in zip(plan.images, per_image)])
         cache.fill(sd.vae, family.latent_scaling_factor, config.model.pretrained_model_name_or_path,
                    ds.vae_batch_size, tr.seed)
         log(f"latents cached: {cache.encoded} encoded, {cache.count_needed() - cache.encoded} read from disk")
@@ -300,6 +301,9 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         sd.unet.to(device)
     loader = ExampleLoader(plan, ds, plan.total_steps, load_pixels_=cache is None, seed=tr.seed + 1,
                            image_options=per_image)
+    # SDXL's original size: sd-scripts' unbucketed pixel path (no resize, a crop) reports the cropped size
+    original_sizes = [im.bucket if not o.enable_bucket and cache is None else im.size
+                      for im, o in zip(plan.images, per_image)]
     text_cache = _text_cache(config, plan, conditioner, device, log) if _caches_text(config) else None
     if text_cache is not None and not plan.sample_rounds:
         for te in sd.text_encoders:  # frozen and no longer read: free the device (sd-scripts does too)
@@ -463,7 +467,9 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                     with accelerator.autocast():
                         if cache is not None:
                             latents = cache.batch(batch.indices, batch.flipped).to(device)
+                            masks = cache.mask_batch(batch.indices, batch.flipped)
                         else:
+                            masks = batch.masks
                             latents = encode(sd.vae, to_device(batch.pixels, device), family.latent_scaling_factor)
                         with torch.set_grad_enabled(train_te):
                             cond = text_cache(batch.captions, device) if text_cache is not None else \
@@ -477,7 +483,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                             latents, input_perturbation(latents, noise, tr.ip_noise_gamma,
                                                         tr.ip_noise_gamma_random_strength), timesteps)
                         images = [plan.images[i] for i in batch.indices]
-                        unet_inputs = conditioner.unet_kwargs(cond, [im.size for im in images],
+                        unet_inputs = conditioner.unet_kwargs(cond, [original_sizes[i] for i in batch.indices],
                                                               [im.bucket for im in images], batch.flipped,
                                                               weight_dtype)
                         pred = sd.unet(noisy.to(weight_dtype), timesteps, **unet_inputs).sample
@@ -485,7 +491,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                                                 config.model.v_parameterization)
                         weights = torch.where(batch.is_reg.to(device), tr.prior_loss_weight, 1.0)
                         loss = diffusion_loss(pred.float(), target.float(), timesteps, noise_scheduler, weights,
-                                              tr.min_snr_gamma, config.model.v_parameterization, loss_options)
+                                              tr.min_snr_gamma, config.model.v_parameterization, loss_options,
+                                              masks)
                     accelerator.backward(loss / ga)
                 if not sync:
                     continue
