@@ -275,6 +275,14 @@ class NetworkSection(Section):
     loraplus_text_encoder_lr_ratio: float | None = Field(None, gt=0, le=MAX_COUNT)
     dora_wd: bool = Field(False, description="DoRA: weight-decomposed LoCon/LoHa/LoKr (LyCORIS' dora_wd).")
 
+    @field_validator("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas",
+                     "conv_block_dims", "conv_block_alphas", mode="before")
+    @classmethod
+    def _numbers_only(cls, v: object) -> object:
+        if isinstance(v, list) and any(isinstance(x, (bool, str)) for x in v):
+            raise ValueError("must be a list of numbers (no quotes, no true/false)")
+        return v
+
     @field_validator("down_lr_weight", "up_lr_weight")
     @classmethod
     def _lr_weight_shape(cls, v: list[float] | str | None) -> list[float] | str | None:
