@@ -305,14 +305,18 @@ def resolve_config(
         origins.update({k: layer.label for k in _flatten(layer.values)})
     if problems:
         raise ConfigError(problems)
+    # the data is named by dataset.train_data_dir or by [[datasets]]: one of them is required
+    dataset_table = merged.get("dataset")
+    no_data = [] if merged.get("datasets") or (isinstance(dataset_table, dict) and "train_data_dir" in dataset_table) \
+        else [Problem("dataset.train_data_dir", "required but not set",
+                      hint="add `train_data_dir = ...` under [dataset] (the parent of <repeats>_<name> folders), "
+                      "or list the folders as [[datasets]] with [[datasets.subsets]]")]
     try:
         config = LoracliConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_problems_from_errors(exc.errors(), origins, layers)) from None
-    if not config.datasets and config.dataset.train_data_dir is None:
-        raise ConfigError(Problem("dataset.train_data_dir", "required but not set",
-                                  hint="add `train_data_dir = ...` under [dataset] (the parent of <repeats>_<name> "
-                                  "folders), or list the folders as [[datasets]] with [[datasets.subsets]]"))
+        raise ConfigError(_problems_from_errors(exc.errors(), origins, layers) + no_data) from None
+    if no_data:
+        raise ConfigError(no_data)
     return ResolvedConfig(_absolute_paths(config), origins, layers, loaded, config_path)
 
 

@@ -8,11 +8,13 @@ datasets, per-dataset network multipliers, ...) is reported with the reason.
 
 from __future__ import annotations
 
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from loracli.config.schema import GENERAL_ONLY_KEYS, DatasetEntry, SubsetSection
+from loracli.dataset.scan import parse_folder_name
 from loracli.sdscripts.import_result import ImportResult, parse_resolution
 from loracli.sdscripts.options import key_for_dataset_key
 
@@ -149,4 +151,76 @@ def import_dataset_toml(data: dict[str, Any], result: ImportResult, *, where: st
     if not entries:
         result.skip(f"{where}: datasets", "no [[datasets.subsets]] with an image_dir: there is no data to import")
         return
-    result.values["datasets"] = entries
+    if not _as_folder_form(entries, result, where):
+        result.values["datasets"] = entries
+
+
+ROLE_KEYS = ("image_dir", "num_repeats", "class_tokens", "is_reg")
+
+
+def _pure_path(text: str) -> PurePath:
+    """Windows paths (D:\\data\\10_x) split on backslashes even when importing on Linux."""
+    if "\\" in text and "/" not in text:
+        return PureWindowsPath(text)
+    return PurePosixPath(text) if "/" in text else PurePath(text)
+
+
+def _as_folder_form(entries: list[dict[str, Any]], result: ImportResult, where: str) -> bool:
+    """The short way when it says exactly the same: one dataset whose subsets are `<num_repeats>_<class_tokens>`
+    folders under one parent per kind (and nothing else there), with the same options for all of them.
+    Then [dataset] gets train_data_dir / reg_data_dir and the options; else [[datasets]] stay as they are."""
+    if len(entries) != 1:
+        return False
+    entry = entries[0]
+    subsets = entry["subsets"]
+    options: dict[str, Any] = {}
+    keys = {k for table in [entry, *subsets] for k in table if k not in ROLE_KEYS + ("subsets",)}
+    for key in keys:
+        values = {repr(sub.get(key, entry.get(key))) for sub in subsets}
+        if len(values) > 1:
+            return False
+        value = subsets[0].get(key, entry.get(key))
+        if value is None:  # a subset leaves it to [general] while another sets it
+            return False
+        options[key] = value
+    parents: dict[bool, set[str]] = {False: set(), True: set()}
+    listed: dict[bool, set[str]] = {False: set(), True: set()}
+    for sub in subsets:
+        path = _pure_path(str(sub["image_dir"]))
+        repeats = sub.get("num_repeats", entry.get("num_repeats", 1))
+        tokens = sub.get("class_tokens", entry.get("class_tokens"))
+        parsed = parse_folder_name(path.name)
+        if parsed is None or parsed[0] != repeats or parsed[0] < 1 or (tokens is not None and parsed[1] != tokens):
+            return False
+        if tokens is None and parsed[1]:  # sd-scripts: empty caption; the folder form: the folder's tokens
+            return False
+        is_reg = bool(sub.get("is_reg", False))
+        parents[is_reg].add(str(path.parent))
+        listed[is_reg].add(path.name)
+    if len(parents[False]) != 1 or len(parents[True]) > 1:
+        return False
+    for is_reg, found in parents.items():
+        for parent in found:  # the folder form trains every <n>_ folder of the parent: no others may be there
+            folder = Path(parent)
+            if folder.is_dir() and any(p.is_dir() and p.name not in listed[is_reg] and
+                                       (parsed := parse_folder_name(p.name)) and parsed[0] > 0
+                                       for p in folder.iterdir()):
+                return False
+    batch = options.pop("batch_size", None)
+    if batch is not None:
+        result.set("training.train_batch_size", batch, f"{where}: datasets[0].batch_size")
+    for key, value in options.items():
+        result.set(f"dataset.{key}", value, f"{where}: datasets[0].{key}")
+    result.set("dataset.train_data_dir", next(iter(parents[False])), f"{where}: datasets[0].subsets[0].image_dir")
+    if parents[True]:
+        result.set("dataset.reg_data_dir", next(iter(parents[True])), f"{where}: datasets[0].subsets")
+    for label, targets in result.mapped.items():  # the subsets' keys now live in the folder names and [dataset]
+        if label.startswith(f"{where}: datasets[") or label.startswith(f"{where}: general."):
+            head = label.rsplit(".", 1)[-1]
+            result.mapped[label] = [f"dataset.{head}" if head not in ROLE_KEYS + ("batch_size",) else
+                                    "training.train_batch_size" if head == "batch_size" else
+                                    "dataset.reg_data_dir" if ".subsets[" in label and head == "is_reg" else
+                                    "dataset.train_data_dir (folder name)"]
+    result.note("the dataset config's subsets are <repeats>_<class tokens> folders under one parent: imported in "
+                "the folder form (dataset.train_data_dir)")
+    return True

@@ -111,6 +111,7 @@ def test_text_encoder_lr_list_of_two_reads_the_first(tmp_path):
 
 
 def test_dataset_toml_that_the_folder_tree_cannot_express(tmp_path):
+    """Subsets with their own repeats and options, under two parents: imported 1:1 as [[datasets]]."""
     img = tmp_path / "img"
     for name in ("5_sks dog", "3_other", "7_unlisted"):
         (img / name).mkdir(parents=True)
@@ -133,16 +134,11 @@ def test_dataset_toml_that_the_folder_tree_cannot_express(tmp_path):
     (tmp_path / "ds.toml").write_text(tomli_w.dumps(dataset))
     (tmp_path / "c.toml").write_text('pretrained_model_name_or_path = "/m"\nmax_train_epochs = 1\n')
     result = import_file(tmp_path / "c.toml", tmp_path / "ds.toml")
-    problems = "\n".join(f"{k}: {r}" for k, r in result.unsupported.items())
-    # num_repeats 4 is not what "3_other" says: rename
-    assert "rename the folder to" in problems and "4_other" in problems
-    # subsets under two parents
-    assert "different folders" in problems
-    # a folder the TOML leaves out would be trained by loracli
-    assert "7_unlisted" in problems
-    # per-subset values that differ cannot be one loracli value
-    assert "shuffle_caption" in problems and "differs between subsets" in problems
+    assert result.unsupported == {}
+    assert "train_data_dir" not in result.values["dataset"]
+    assert result.values["datasets"] == dataset["datasets"]  # the same tables, key for key
     assert result.values["dataset"]["validation_split"] == 0.1  # imported: loracli holds images out too
+    assert write_and_resolve(result, tmp_path).datasets[0].subsets[1].num_repeats == 4
 
 
 # --- kohya_ss GUI JSON -----------------------------------------------------------------------------------------
