@@ -196,6 +196,12 @@ def mask_rules(config: LoracliConfig) -> list[Finding]:
             out.append(Finding("error", "E64", key, f"cannot be set on a regularisation subset ({prefix}is_reg): "
                                "sd-scripts' masked datasets have no regularisation images",
                                "move the regularisation images to a subset without masks", SD_MASKS))
+    ds = config.dataset
+    if not config.datasets and ds.conditioning_data_dir is not None and ds.reg_data_dir is not None:
+        out.append(Finding("error", "E64", "dataset.conditioning_data_dir",
+                           "cannot be combined with dataset.reg_data_dir: sd-scripts' masked datasets have no "
+                           "regularisation images", "train without reg_data_dir, or describe the data as "
+                           "[[datasets]] with the regularisation folder in a dataset of its own", SD_MASKS))
     for d_index, entry in enumerate(config.datasets):
         subsets = [s for s in all_subsets(config) if s.dataset == d_index]
         with_masks = [s for s in subsets if s.options.conditioning_data_dir is not None]

@@ -83,7 +83,8 @@ def image_options(config: LoracliConfig, images: Sequence[PlannedImage]) -> list
 
 def differing_options(options: DatasetSection, base: DatasetSection) -> dict[str, Any]:
     """Subset options that differ from `base` (what `loracli plan` shows next to a subset)."""
-    return {k: getattr(options, k) for k in subset_level_keys() if getattr(options, k) != getattr(base, k)}
+    values = options.model_dump(mode="json")  # JSON-safe: the plan is written as JSON (paths become strings)
+    return {k: values[k] for k in subset_level_keys() if getattr(options, k) != getattr(base, k)}
 
 
 def subset_level_values(config: LoracliConfig, key: str) -> list[tuple[str, Any]]:

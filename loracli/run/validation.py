@@ -20,7 +20,7 @@ from loracli.captions import caption_as_read, process_caption
 from loracli.config.schema import LoracliConfig
 from loracli.plan import Plan, PlannedImage
 from loracli.dataset.subsets import image_options
-from loracli.run.data import caption_options, load_pixels, to_tensor
+from loracli.run.data import caption_options, load_example, mask_source, stack_masks, to_tensor
 from loracli.run.latents import encode
 from loracli.run.step import compute_target, diffusion_loss
 
@@ -32,6 +32,7 @@ class ValidationBatch:
     noise: torch.Tensor  # CPU, fp32, same shape
     captions: list[str]
     cond: object | None = None  # the text conditioning, kept when the text encoders are frozen and cached
+    masks: torch.Tensor | None = None  # loss masks (alpha_mask, masked_loss), as in training
 
 
 def validation_batches(images: list[PlannedImage], batch_size: int, max_batches: int | None
@@ -71,8 +72,12 @@ class Validator:
         self.batches: list[ValidationBatch] = []
         groups = validation_batches(plan.validation_images, plan.train_batch_size,  # the plan's: "auto" resolved
                                     config.training.max_validation_steps)
+        held_out_options = {id(im): o for im, o in zip(plan.validation_images,
+                                                       image_options(config, plan.validation_images))}
         for index, images in enumerate(groups):
-            pixels = torch.stack([to_tensor(load_pixels(im, False, no_rng)) for im in images])
+            examples = [load_example(im, False, no_rng, mask_source(im, held_out_options[id(im)])) for im in images]
+            pixels = torch.stack([to_tensor(px) for px, _ in examples])
+            masks = stack_masks([m for _, m in examples], pixels.shape[2:])
             generator = torch.Generator(device="cpu").manual_seed(seed + index)
             latents = encode(sd.vae, pixels, scaling_factor, _device_generator(sd.vae.device, seed + index))
             latents = latents.cpu()
@@ -80,7 +85,7 @@ class Validator:
             # enable_wildcard: one fixed draw per held-out image (no_rng is seeded once for all of them)
             captions = [process_caption(caption_as_read(im.caption, im.caption_lines, options[id(im)].enable_wildcard),
                                         options[id(im)], 1, 0, plan.total_steps, no_rng) for im in images]
-            batch = ValidationBatch(images, latents, noise, captions)
+            batch = ValidationBatch(images, latents, noise, captions, masks=masks)
             if text_frozen:  # the text encoders leave the device later: encode the captions now
                 with torch.no_grad():
                     batch.cond = conditioner.encode(captions, device)
@@ -114,7 +119,7 @@ class Validator:
                                                 cfg.model.v_parameterization)
                         loss = diffusion_loss(pred.float(), target.float(), timesteps, sd.noise_scheduler,
                                               [1.0] * latents.shape[0], cfg.training.min_snr_gamma,
-                                              cfg.model.v_parameterization)
+                                              cfg.model.v_parameterization, mask=batch.masks)
                         losses.append(loss.item())
         finally:
             network.train(was_training)

@@ -55,6 +55,8 @@ SUBSET_LEVEL = {
     "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
     "flip_aug", "color_aug", "random_crop", "enable_wildcard",
 }
+# Loss-mask keys sd-scripts' dataset schema has in subsets only (not in [general] or [[datasets]]).
+SUBSET_ONLY_KEYS = ("alpha_mask", "conditioning_data_dir")
 # One CLIP window: sd-scripts spells this as "no --max_token_length".
 TOKEN_WINDOW = 75
 LYCORIS_SWITCHES = ("use_tucker", "use_scalar", "train_norm", "rank_dropout_scale")
@@ -278,8 +280,28 @@ def _datasets_toml(config: LoracliConfig) -> dict[str, Any]:
     return {"general": general, "datasets": datasets}
 
 
+def _subset_only_keys(toml: dict[str, Any]) -> dict[str, Any]:
+    """sd-scripts reads alpha_mask and conditioning_data_dir only in subset tables: move them down, written
+    where they are on (a masked subset has no alpha_mask key; rules E62/E64 keep the rest consistent)."""
+    general = toml["general"]
+    defaults = {k: general.pop(k) for k in SUBSET_ONLY_KEYS if k in general}
+    for dataset in toml["datasets"]:
+        inherited = defaults | {k: dataset.pop(k) for k in SUBSET_ONLY_KEYS if k in dataset}
+        for subset in dataset["subsets"]:
+            values = inherited | {k: subset.pop(k) for k in SUBSET_ONLY_KEYS if k in subset}
+            if values.get("conditioning_data_dir") is not None and not subset.get("is_reg"):
+                subset["conditioning_data_dir"] = values["conditioning_data_dir"]
+            elif values.get("alpha_mask"):
+                subset["alpha_mask"] = True
+    return toml
+
+
 def dataset_toml(config: LoracliConfig, plan: Plan) -> dict[str, Any]:
     """The dataset TOML: caption options in [general], buckets per dataset, one subset per folder."""
+    return _subset_only_keys(_dataset_toml(config, plan))
+
+
+def _dataset_toml(config: LoracliConfig, plan: Plan) -> dict[str, Any]:
     if config.datasets:
         return _datasets_toml(config)
     ds = config.dataset

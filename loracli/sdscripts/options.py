@@ -276,6 +276,13 @@ MAPPINGS: tuple[KeyMapping, ...] = tuple(
                "token_warmup_step", "flip_aug", "color_aug", "random_crop", "enable_wildcard")
     + _args("dataset", "cache_latents", "cache_latents_to_disk", "vae_batch_size", "max_token_length")
     + [
+        KeyMapping("dataset.alpha_mask", arg="alpha_mask", dataset="alpha_mask",
+                   note="a subset key in sd-scripts' dataset TOML (--alpha_mask is every subset's default)"),
+        KeyMapping("dataset.conditioning_data_dir", dataset="conditioning_data_dir",
+                   note="a subset key in sd-scripts' dataset TOML (train_network.py ignores --conditioning_data_dir)"),
+        KeyMapping("training.masked_loss", arg="masked_loss"),
+    ]
+    + [
         KeyMapping("network.network_module", arg="network_module",
                    note="networks.lora for algo=lora; LyCORIS algos always use lycoris.kohya"),
         KeyMapping("network.algo", network_arg="algo", note="only with lycoris.kohya"),
