@@ -95,7 +95,7 @@ def _torch_version() -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def _precision_findings(tr) -> list[Finding]:
+def _precision_findings(tr, optimizer_type: str) -> list[Finding]:
     """full_fp16 and fp8_base: the assertions sd-scripts' train_network.py makes, at plan time."""
     out: list[Finding] = []
     # E80: full_fp16 keeps the trained state in fp16, which only an fp16 run computes (and scales) in.
@@ -103,6 +103,15 @@ def _precision_findings(tr) -> list[Finding]:
         out.append(Finding("error", "E80", "training.full_fp16",
                            f'needs training.mixed_precision = "fp16" (now "{tr.mixed_precision}")',
                            'set mixed_precision = "fp16", or remove full_fp16', "train_network.py"))
+    # W80: Adam-like optimizers keep their moments in the parameters' dtype; in fp16 a squared gradient
+    # below ~6e-8 is 0 and AdamW's eps 1e-8 is 0, so the first update divides by zero (inf/NaN loss).
+    lower = optimizer_type.lower()
+    if tr.full_fp16 and (lower in ("adamw", "adam") or lower.startswith("dadapt") or lower == "prodigy"):
+        out.append(Finding("warning", "W80", "training.full_fp16",
+                           f"{optimizer_type} keeps its moments in fp16 here, where small squared gradients and its "
+                           "eps round to 0: the loss tends to turn inf/NaN within a few steps",
+                           'use optimizer_type = "AdamW8bit" (fp32 arithmetic), or raise optimizer_args eps '
+                           "(1e-3), or use full_bf16 / mixed precision alone"))
     fp8_key = "training.fp8_base" if tr.fp8_base else "training.fp8_base_unet"
     if tr.fp8_base or tr.fp8_base_unet:
         # E81: fp8 weights are only stored; every product runs in the mixed-precision dtype.
@@ -130,7 +139,7 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
         out.append(Finding("error", "E30", "training.full_bf16",
                            f'needs training.mixed_precision = "bf16" (now "{tr.mixed_precision}")',
                            'set mixed_precision = "bf16", or remove full_bf16'))
-    out.extend(_precision_findings(tr))
+    out.extend(_precision_findings(tr, opt.optimizer_type))
     from loracli.dataset.masks import mask_rules  # E60-E65 (here, not at the top: it imports this module)
 
     out.extend(mask_rules(config))
@@ -154,13 +163,13 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
             ("dataset.caption_dropout_every_n_epochs", ds.caption_dropout_every_n_epochs > 0),
             ("dataset.caption_tag_dropout_rate", ds.caption_tag_dropout_rate > 0),
             ("dataset.token_warmup_step", ds.token_warmup_step > 0),
-        ) if on]
+        ) if on and not config.datasets]  # [[datasets]]: E43 per subset
         if clashes:
             out.append(Finding("error", "E4", cache_key,
                                f"cannot be combined with {', '.join(clashes)}: cached captions are encoded once",
                                "turn those off, or turn the cache off", f"{SD_XL}; {OTHER_RENTRY}"))
     # E5: cached latents are computed once, so per-step pixel augmentations cannot apply.
-    if ds.cache_latents or ds.cache_latents_to_disk:
+    if (ds.cache_latents or ds.cache_latents_to_disk) and not config.datasets:  # [[datasets]]: E41 per subset
         clashes = [k for k, on in (("dataset.color_aug", ds.color_aug), ("dataset.random_crop", ds.random_crop)) if on]
         if clashes:
             out.append(Finding("error", "E5", "dataset.cache_latents",
@@ -171,13 +180,13 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
         out.append(Finding("error", "E7", "output.output_name", "is empty",
                            "give a name, or remove the key to use sd-scripts' default names", TRAINING_GUIDE))
     # E8: bucket limits and steps.
-    if ds.bucket_reso_steps % family.bucket_step_multiple:
+    if ds.bucket_reso_steps % family.bucket_step_multiple and not config.datasets:  # [[datasets]]: E44
         out.append(Finding("error", "E8", "dataset.bucket_reso_steps",
                            f"{ds.bucket_reso_steps} is not a multiple of {family.bucket_step_multiple}, "
                            f"which {family.title} training needs",
                            f"use {family.bucket_step_multiple} (or a multiple of it)",
                            SD_XL if family.name == "sdxl" else SD_TRAIN))
-    if ds.enable_bucket and not ds.bucket_no_upscale:
+    if ds.enable_bucket and not ds.bucket_no_upscale and not config.datasets:  # [[datasets]]: E44 per dataset
         if ds.min_bucket_reso > ds.max_bucket_reso:
             out.append(Finding("error", "E8", "dataset.min_bucket_reso",
                                f"min_bucket_reso {ds.min_bucket_reso} > max_bucket_reso {ds.max_bucket_reso}",
@@ -293,7 +302,7 @@ def lint_config(config: LoracliConfig, family: ModelFamily, origins: dict[str, s
                            "5 is the recommended value", OTHER_RENTRY))
     out += lint_family(config, family)
     # W12: sd-scripts rounds the limits to the step.
-    if ds.enable_bucket and not ds.bucket_no_upscale:
+    if ds.enable_bucket and not ds.bucket_no_upscale and not config.datasets:
         step = ds.bucket_reso_steps
         if ds.min_bucket_reso % step or ds.max_bucket_reso % step:
             lo, hi = ds.min_bucket_reso // step * step, -(-ds.max_bucket_reso // step) * step
@@ -332,7 +341,7 @@ def lint_family(config: LoracliConfig, family: ModelFamily) -> list[Finding]:
     if family.name == "sdxl":
         # W19: SDXL base and its fine-tunes were trained at 1024x1024.
         w, h = ds.resolution_wh
-        if min(w, h) < 768:
+        if min(w, h) < 768 and not config.datasets:  # [[datasets]]: W40 per dataset
             out.append(Finding("warning", "W19", "dataset.resolution",
                                f"{w}x{h} on SDXL, which is trained at 1024x1024: lower resolutions lose detail",
                                "use 1024 (the guide's value for Pony); 512 only as a last resort when VRAM is short",

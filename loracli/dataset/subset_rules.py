@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING
 
 from loracli.config.schema import LoracliConfig
-from loracli.dataset.subsets import DatasetSpec, dataset_specs
+from loracli.dataset.subsets import DatasetSpec, SubsetSpec, dataset_specs
 
 if TYPE_CHECKING:
     from loracli.family import ModelFamily
@@ -22,6 +22,18 @@ SD_BUCKETS = "sd-scripts library/train_util.py (buckets)"
 # the caption options that change a caption from one step to the next (cached text outputs cannot follow them)
 CHANGING_CAPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
                      "caption_tag_dropout_rate", "token_warmup_step")
+
+
+def origin(config: LoracliConfig, spec: SubsetSpec | DatasetSpec, key: str) -> str:
+    """The table a subset's or dataset's value comes from: the subset, its dataset, or [dataset]."""
+    if isinstance(spec, SubsetSpec):
+        entry = config.datasets[spec.dataset]
+        if getattr(entry.subsets[spec.index], key, None) is not None:
+            return f"{spec.key}.{key}"
+        spec_key, index = f"datasets[{spec.dataset}]", spec.dataset
+    else:
+        spec_key, index = spec.key, spec.index
+    return f"{spec_key}.{key}" if getattr(config.datasets[index], key, None) is not None else f"dataset.{key}"
 
 
 def subset_config_findings(config: LoracliConfig, family: ModelFamily) -> list[Finding]:
@@ -52,23 +64,23 @@ def subset_config_findings(config: LoracliConfig, family: ModelFamily) -> list[F
             opts = sub.options
             # E41: cached latents are encoded once: no per-step pixel augmentation (sd-scripts asserts it).
             if ds.cache_latents or ds.cache_latents_to_disk:
-                clashes = [k for k in ("color_aug", "random_crop") if getattr(opts, k) and not getattr(ds, k)]
+                clashes = [k for k in ("color_aug", "random_crop") if getattr(opts, k)]
                 if clashes:
-                    out.append(Finding("error", "E41", f"{sub.key}.{clashes[0]}",
+                    out.append(Finding("error", "E41", origin(config, sub, clashes[0]),
                                        f"{' and '.join(clashes)} cannot be combined with dataset.cache_latents: "
                                        "cached latents are encoded once",
                                        "turn latent caching off, or the augmentation off (flip_aug is allowed)",
                                        SD_TRAIN))
             # E43: cached text-encoder outputs need captions that never change.
             if tr.cache_text_encoder_outputs or tr.cache_text_encoder_outputs_to_disk:
-                changing = [k for k in CHANGING_CAPTIONS if getattr(opts, k) and not getattr(ds, k)]
+                changing = [k for k in CHANGING_CAPTIONS if getattr(opts, k)]
                 if changing:
-                    out.append(Finding("error", "E43", f"{sub.key}.{changing[0]}",
+                    out.append(Finding("error", "E43", origin(config, sub, changing[0]),
                                        f"{', '.join(changing)} cannot be combined with "
                                        "training.cache_text_encoder_outputs: cached captions are encoded once",
                                        "turn those off in the subset, or the cache off", SD_TRAIN))
         out += _bucket_findings(config, spec, family)
-    return out
+    return list({(f.code, f.key): f for f in out}.values())  # a value [dataset] gives every subset: said once
 
 
 def _bucket_findings(config: LoracliConfig, spec: DatasetSpec, family: ModelFamily) -> list[Finding]:
@@ -76,27 +88,25 @@ def _bucket_findings(config: LoracliConfig, spec: DatasetSpec, family: ModelFami
     from loracli.lint import Finding
 
     out: list[Finding] = []
-    key, opts, own = spec.key, spec.options, config.datasets[spec.index]
-    if own.bucket_reso_steps is not None and opts.bucket_reso_steps % family.bucket_step_multiple:
-        out.append(Finding("error", "E44", f"{key}.bucket_reso_steps",
+    key, opts = spec.key, spec.options  # the dataset's values, its own or [dataset]'s
+    if opts.bucket_reso_steps % family.bucket_step_multiple:
+        out.append(Finding("error", "E44", origin(config, spec, "bucket_reso_steps"),
                            f"{opts.bucket_reso_steps} is not a multiple of {family.bucket_step_multiple}, which "
                            f"{family.title} training needs", f"use {family.bucket_step_multiple}", SD_BUCKETS))
-    sets_buckets = any(getattr(own, k) is not None for k in ("resolution", "enable_bucket", "min_bucket_reso",
-                                                             "max_bucket_reso"))
-    if sets_buckets and opts.enable_bucket and not opts.bucket_no_upscale:
+    if opts.enable_bucket and not opts.bucket_no_upscale:
         w, h = opts.resolution_wh
         if opts.min_bucket_reso > opts.max_bucket_reso:
-            out.append(Finding("error", "E44", f"{key}.min_bucket_reso",
+            out.append(Finding("error", "E44", origin(config, spec, "min_bucket_reso"),
                                f"min_bucket_reso {opts.min_bucket_reso} > max_bucket_reso {opts.max_bucket_reso}",
                                "swap them", SD_BUCKETS))
         elif min(w, h) < opts.min_bucket_reso or max(w, h) > opts.max_bucket_reso:
-            out.append(Finding("error", "E44", f"{key}.resolution",
+            out.append(Finding("error", "E44", origin(config, spec, "resolution"),
                                f"{w}x{h} lies outside the bucket limits {opts.min_bucket_reso}-"
                                f"{opts.max_bucket_reso}", f"set min_bucket_reso/max_bucket_reso in {key} to "
                                "include it, or change its resolution", SD_BUCKETS))
-    if family.name == "sdxl" and own.resolution is not None and min(opts.resolution_wh) < 768:
+    if family.name == "sdxl" and min(opts.resolution_wh) < 768:
         w, h = opts.resolution_wh
-        out.append(Finding("warning", "W40", f"{key}.resolution",
+        out.append(Finding("warning", "W40", origin(config, spec, "resolution"),
                            f"{w}x{h} on SDXL, which is trained at 1024x1024: lower resolutions lose detail",
                            "use 1024 for the main dataset (a lower-resolution second dataset is a choice)",
                            "LoRA Training Guide"))
