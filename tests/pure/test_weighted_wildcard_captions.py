@@ -234,3 +234,40 @@ def test_w70_separator_inside_weight_brackets_with_shuffle(tmp_path, make_image)
                  sets=("training.weighted_captions=true", "dataset.shuffle_caption=true"))
     w70 = [w for w in plan.warnings if w["code"] == "W70"]
     assert len(w70) == 1 and w70[0]["key"].endswith("a.txt") and "1 caption(s)" in w70[0]["message"]
+
+
+# --- sd-scripts export / import -------------------------------------------------------------------
+
+def test_export_writes_and_import_reads_both_options(tmp_path):
+    from loracli.sdscripts.export import CONFIG_FILE, DATASET_FILE, build_export, write_export
+    from loracli.sdscripts.importer import import_file, render_toml
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "loracli.toml"
+    original = resolve_config(example, [], ["training.weighted_captions=true", "dataset.enable_wildcard=true"])
+    exported = build_export(original.config, build_plan(original))
+    write_export(tmp_path / "export", exported)
+    config_text = (tmp_path / "export" / CONFIG_FILE).read_text()
+    dataset_text = (tmp_path / "export" / DATASET_FILE).read_text()
+    assert re.search(r"^weighted_captions = true$", config_text, re.M)  # sd-scripts' --weighted_captions
+    # a subset option in sd-scripts: the dataset TOML's [general], not an argument
+    assert re.search(r"\[general\][^\[]*enable_wildcard = true", dataset_text)
+    assert "enable_wildcard" not in config_text
+
+    result = import_file(tmp_path / "export" / CONFIG_FILE, tmp_path / "export" / DATASET_FILE)
+    assert result.unsupported == {}
+    imported = tmp_path / "imported.toml"
+    imported.write_text(render_toml(result), encoding="utf-8")
+    back = resolve_config(imported).config
+    assert back.training.weighted_captions is True and back.dataset.enable_wildcard is True
+
+
+def test_import_of_the_command_line_flags(tmp_path):
+    from loracli.sdscripts.importer import import_file
+
+    script = tmp_path / "train.sh"
+    script.write_text("accelerate launch train_network.py --pretrained_model_name_or_path=/m "
+                      "--train_data_dir=/d --weighted_captions --enable_wildcard\n")
+    result = import_file(script)
+    assert result.values["training"]["weighted_captions"] is True
+    assert result.values["dataset"]["enable_wildcard"] is True
+    assert not any("wildcard" in k or "weighted" in k for k in result.unsupported)
