@@ -262,8 +262,8 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
     ds, tr = config.dataset, config.training
     planned, held_out, pixel_findings = plan_pixels(config, planned, held_out)  # unbucketed sizes, loss masks
     try:
-        schedule = compute_schedule(sum(b["batches"] for b in buckets), tr.num_processes, tr.gradient_accumulation_steps,
-                                    tr.max_train_epochs, tr.max_train_steps)
+        schedule = compute_schedule(sum(b["batches"] for b in buckets), tr.num_processes,
+                                    tr.gradient_accumulation_steps, tr.max_train_epochs, tr.max_train_steps)
     except ValueError as exc:
         raise ConfigError(Problem("training.max_train_epochs", str(exc))) from None
     findings += lint_data(config, scan, schedule, buckets)
