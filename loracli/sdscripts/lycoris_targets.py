@@ -45,24 +45,30 @@ def _table(enable_conv: bool, unet_modules: list[str], unet_names: list[str], te
 
 # Root layers by both names: diffusers' (loracli's run) and sd-scripts' SDXL UNet's (sdxl_original_unet.py; its
 # SD1 UNet uses diffusers' names). LyCORIS matches a target name as a regex at the start of a module path.
-TIME_EMBEDDING_NAMES = ["time_embedding.linear_1", "time_embedding.linear_2", "time_embed.0", "time_embed.2"]
+# diffusers' SDXL add_embedding is a TimestepEmbedding too, so LyCORIS' full-lin picks it; sd-scripts: label_emb.0.
+TIME_EMBEDDING_NAMES = ["time_embedding.linear_1", "time_embedding.linear_2", "add_embedding.linear_1",
+                        "add_embedding.linear_2", "time_embed.0", "time_embed.2", "label_emb.0.0", "label_emb.0.2"]
 CONV_IN_OUT_NAMES = ["conv_in", "conv_out", "input_blocks.0.0", "out.2"]
 # kohya's (SAI) names of those root layers, for SDXL files (keymap.diffusers_to_sai leaves them as they are).
 SAI_ROOT_NAMES = {"conv_in": "input_blocks.0.0", "conv_out": "out.2",
-                  "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+                  "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                  "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 # LyCORIS' presets of the same names (lycoris/config.py), as they select on SD UNets and CLIP, without its traps:
 # - full-lin lists the class TimestepEmbedding and the names time_embedding.linear_1/2, which select the same
-#   layers twice ("duplicated lora name"): here the names only;
+#   layers twice ("duplicated lora name"): here the names only (with SDXL's add_embedding, the class's other match);
 # - attn-only names sd-scripts' attention classes (CrossAttention), which diffusers calls Attention: both here,
 #   so loracli (diffusers) and sd-scripts wrap the same q/k/v/out layers.
+# - full-lin, attn-mlp and unet-transformer-only list TimestepEmbedding (for Anima), which on SD UNets is the time
+#   embedding (SDXL: also add_embedding): kept, by name, so that sd-scripts' SDXL UNet (an nn.Sequential there,
+#   never matched by class) trains the same layers.
 # enable_conv = False: no 3x3 convs (1x1 convs still take network_dim, as in LyCORIS).
 PRESET_TABLES: dict[str, dict[str, Any]] = {
     "full-lin": _table(False, ["Transformer2DModel", "ResnetBlock2D"], TIME_EMBEDDING_NAMES, TEXT_TARGETS),
-    "attn-mlp": _table(False, ["Transformer2DModel"], [], TEXT_TARGETS),
+    "attn-mlp": _table(False, ["Transformer2DModel"], TIME_EMBEDDING_NAMES, TEXT_TARGETS),
     "attn-only": _table(False, ["Attention", "CrossAttention"], [],
                         ["CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2"]),
-    "unet-transformer-only": _table(False, ["Transformer2DModel"], [], []),
+    "unet-transformer-only": _table(False, ["Transformer2DModel"], TIME_EMBEDDING_NAMES, []),
     "unet-convblock-only": _table(True, ["ResnetBlock2D", "Downsample2D", "Upsample2D"], CONV_IN_OUT_NAMES, []),
 }
 PRESETS = ("full", *PRESET_TABLES)
