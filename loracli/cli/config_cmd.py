@@ -92,7 +92,22 @@ def explained_toml(resolved: ResolvedConfig) -> str:
             else:
                 out.append(f"{toml_line(key, value):<60} # {origin}")
         out.append("")
+    out += _explained_datasets(resolved)
     return "\n".join(out) + "\n"
+
+
+def _explained_datasets(resolved: ResolvedConfig) -> list[str]:
+    """[[datasets]] as set (unset keys fall back to the dataset, then [dataset]), with where they came from."""
+    out: list[str] = []
+    origin = resolved.origin("datasets")
+    for entry in resolved.config.datasets:
+        out.append("[[datasets]]" + " " * 48 + f"# {origin}")
+        out += [toml_line(k, v) for k, v in entry.model_dump(mode="json", exclude_none=True).items() if k != "subsets"]
+        for subset in entry.subsets:
+            out.append("[[datasets.subsets]]")
+            out += [toml_line(k, v) for k, v in subset.model_dump(mode="json", exclude_none=True).items()]
+        out.append("")
+    return out
 
 
 def toml_line(key: str, value: Any) -> str:
