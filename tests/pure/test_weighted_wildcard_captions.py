@@ -271,3 +271,14 @@ def test_import_of_the_command_line_flags(tmp_path):
     assert result.values["training"]["weighted_captions"] is True
     assert result.values["dataset"]["enable_wildcard"] is True
     assert not any("wildcard" in k or "weighted" in k for k in result.unsupported)
+
+
+def test_e70_names_the_subset_that_sets_enable_wildcard(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\npretrained_model_name_or_path = "tiny:sd15"\n[network]\nnetwork_train_unet_only = true\n'
+                   "[training]\nmax_train_epochs = 1\ncache_text_encoder_outputs = true\n"
+                   '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n'
+                   '[[datasets.subsets]]\nimage_dir = "b"\nenable_wildcard = true\n')
+    resolved = resolve_config(cfg)
+    found = [f for f in lint_config(resolved.config, SD1, resolved.origins) if f.code == "E70"]
+    assert len(found) == 1 and "datasets[0].subsets[1].enable_wildcard" in found[0].message
