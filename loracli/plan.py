@@ -241,7 +241,7 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
         scan, planned, held_out, ar_errors = sets.scan, sets.images, sets.held_out, sets.ar_errors
         # the VRAM estimate; train_batch_size = "auto" becomes a number here (resolved.config is updated)
         config, memory = plan_memory(resolved, probe.path, probe.kind, family, sets.bucket_sizes,
-                                     sets.largest_bucket, sets.batch_sizes)
+                                     sets.largest_bucket, sets.peaks)
         dataset_summaries, buckets = sets.summaries(config)
     else:
         scan = scan_dataset(ds.train_data_dir, ds.reg_data_dir, ds.caption_extension, holdout=holdout)
@@ -389,9 +389,9 @@ class PlannedDatasets:
         return max((n for i in range(len(self.specs)) for n in self.counts(i).values()), default=1)
 
     @property
-    def batch_sizes(self) -> list[int | None]:
-        """Each dataset's own batch_size (None: training.train_batch_size)."""
-        return [s.own_batch_size for s in self.specs]
+    def peaks(self) -> list[tuple[list[tuple[int, int]], int | None]]:
+        """Each dataset's buckets and own batch_size (None: training.train_batch_size), for the VRAM estimate."""
+        return [(list(self.counts(s.index)), s.own_batch_size) for s in self.specs]
 
     def summaries(self, config: LoracliConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """plan.datasets, and plan.buckets: every dataset's buckets in dataset order, each naming its dataset."""

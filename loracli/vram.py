@@ -458,7 +458,7 @@ class PlanMemory:
 
 
 def plan_memory(resolved, probe_path: str, probe_kind: str, family, buckets: list[tuple[int, int]],
-                samples_per_bucket: int, dataset_batch_sizes: list[int | None] | None = None):
+                samples_per_bucket: int, dataset_peaks: list[tuple[list[tuple[int, int]], int | None]] | None = None):
     """The estimate for the plan, and train_batch_size = "auto" resolved (resolved.config is updated, as
     settle_seed does for the seed, so the run folder records the number). Returns (config, PlanMemory)."""
     from loracli.errors import ConfigError, Problem
@@ -507,9 +507,12 @@ def plan_memory(resolved, probe_path: str, probe_kind: str, family, buckets: lis
         resolved.origins["training.train_batch_size"] = 'chosen by "auto"'
         if accum != tr.gradient_accumulation_steps:
             resolved.origins["training.gradient_accumulation_steps"] = 'chosen by train_batch_size "auto"'
-    # [[datasets]] with their own batch_size: the largest batch any dataset steps with (None: train_batch_size)
-    batch = max((b if b is not None else config.training.train_batch_size for b in dataset_batch_sizes or [None]))
-    est = estimate_for_config(config, counts, bucket, batch, n_te)
+    # [[datasets]]: each dataset's largest bucket at its own batch_size (None: train_batch_size); the peak is the
+    # largest of those
+    est = max((estimate_for_config(config, counts, largest_bucket(sizes), config.training.train_batch_size
+                                   if batch is None else batch, n_te) for sizes, batch in dataset_peaks if sizes)
+              if dataset_peaks else [estimate_for_config(config, counts, bucket, config.training.train_batch_size,
+                                                         n_te)], key=lambda e: e.total)
     findings = []
     if limit_gib is not None and est.total > limit_gib * GIB:
         tips = "lower train_batch_size, turn on gradient_checkpointing, cache_latents, or bf16 mixed precision"

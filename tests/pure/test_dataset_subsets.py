@@ -265,3 +265,23 @@ def test_ss_datasets_as_sd_scripts_writes_it(folders):
                                                    "a (2)": {"n_repeats": 1, "img_count": 5}}
     assert set(json.loads(meta["ss_tag_frequency"])) == {"a", "reg"}
     assert meta["ss_num_train_images"] == "15" and meta["ss_num_reg_images"] == "6"
+
+
+def test_vram_estimate_takes_the_largest_bucket_and_the_largest_dataset_batch(folders, monkeypatch):
+    from loracli import vram
+    from loracli.config.loader import resolve_config
+    from loracli.plan import build_plan
+    from tests.pure.test_vram import counts
+
+    monkeypatch.setattr(vram, "model_counts", lambda *args: counts())
+    cfg = folders / "c.toml"
+    cfg.write_text(TWO_DATASETS.replace("batch_size = 3", "batch_size = 5"))
+    plan = build_plan(resolve_config(cfg, overrides=["training.vram_gb=80"]))
+    # datasets[0] steps 512x512 batches of 2, datasets[1] 256x256 batches of 5: the peak is the larger of the two
+    peaks = {(512, 2): vram.estimate_for_config(plan_config := resolve_config(cfg).config, counts(), (512, 512), 2, 1),
+             (256, 5): vram.estimate_for_config(plan_config, counts(), (256, 256), 5, 1)}
+    side, batch = max(peaks, key=lambda k: peaks[k].total)
+    assert (plan.vram["bucket"], plan.vram["batch_size"]) == ([side, side], batch)
+    assert plan.vram["total"] == peaks[(side, batch)].total
+    plan = build_plan(resolve_config(cfg, overrides=["training.vram_gb=80", "training.train_batch_size=4"]))
+    assert plan.vram["batch_size"] in (2, 5)  # train_batch_size is not used: every dataset sets its own
