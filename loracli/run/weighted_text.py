@@ -14,8 +14,7 @@ Two formulas, because sd-scripts has two:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,7 +24,7 @@ from loracli.run.step import CLIP_BODY, CLIP_CONTEXT, _final_layer_norm, split_w
 SAMPLE_MAX_WINDOWS = 3  # the long-prompt-weighting pipeline's max_embeddings_multiples
 
 
-def _piece_ids(tokenizer) -> Any:
+def _piece_ids(tokenizer) -> Callable[[str], list[int]]:
     return lambda piece: tokenizer(piece).input_ids[1:-1]  # without BOS/EOS, as sd-scripts tokenizes a piece
 
 
@@ -64,7 +63,7 @@ def apply_window_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.T
 # --- SD1/SD2 sample prompts (the long-prompt-weighting pipeline) -----------------------------------
 
 def _lpw_tokens(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Ids (B, 77·n... as 2 + 75·n) padded with EOS, weights (B, 77·n) and the window count n."""
+    """Ids (B, 2 + 75·n) padded with EOS, weights (B, 77·n: one per state of the n windows) and n."""
     limit = CLIP_BODY * SAMPLE_MAX_WINDOWS
     parsed = [weighted_token_ids(_piece_ids(tokenizer), p, limit)[:2] for p in prompts]
     longest = max(len(ids) for ids, _ in parsed)
