@@ -27,7 +27,8 @@ def export_sd_scripts(config: Path | None, preset: list[str], set_: list[str], o
         sys.stderr.write(line + "\n")
     print(f"wrote {out_dir}/: {', '.join(sorted(p.name for p in written))}")
     print(f"{exp.script} ({plan.model_family}): {plan.total_steps} steps, {plan.epochs} epochs, "
-          f"{len(exp.dataset['datasets'][0]['subsets'])} subset(s); "
+          f"{sum(len(d['subsets']) for d in exp.dataset['datasets'])} subset(s) in {len(exp.dataset['datasets'])} "
+          "dataset(s); "
           f"{len(exp.unsupported)} option(s) not exported, {len(exp.warnings)} warning(s)")
     where = str(sd_scripts_dir) if sd_scripts_dir else "your sd-scripts checkout"
     print(f"run it from {where} (its venv active):")
