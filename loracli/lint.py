@@ -464,12 +464,12 @@ def lint_data(config: LoracliConfig, scan: DatasetScan, schedule: Schedule,
     # W15: other files and folders that are not used.
     other = [s for s in scan.skipped if s not in skipped_dirs]
     if other:
-        out.append(Finding("warning", "W15", "dataset.train_data_dir",
+        out.append(Finding("warning", "W15", "datasets" if config.datasets else "dataset.train_data_dir",
                            f"{len(other)} file(s) or folder(s) not used, e.g. {other[0].path.name}: {other[0].reason}",
                            "see 'skipped' in the plan for the list", SD_TRAIN))
     # W16: where loracli reads the dataset differently from sd-scripts (mixed-case extensions).
     for note in scan.notes:
-        out.append(Finding("warning", "W16", "dataset.train_data_dir", note,
+        out.append(Finding("warning", "W16", "datasets" if config.datasets else "dataset.train_data_dir", note,
                            "rename the files with a lower-case extension to train the same images with sd-scripts",
                            SD_TRAIN))
     # W17: captions that fall back to the folder's class tokens.

@@ -41,6 +41,7 @@ from loracli.run.metadata import (
     per_save_metadata,
 )
 from loracli.run.fp8 import store_in_fp8
+from loracli.run.global_draws import GlobalDraws
 from loracli.run.models import SDComponents, load_sd_components
 from loracli.run.network import (
     LoraPlus,
@@ -285,6 +286,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     per_image = image_options(config, plan.images)
     batches = BucketBatches(plan, tr.train_batch_size, dataset_seed, accelerator.process_index,
                             accelerator.num_processes)
+    largest_batch = max([tr.train_batch_size] + [d.get("batch_size") or 0 for d in getattr(plan, "datasets", [])])
+    draws = GlobalDraws(accelerator.process_index, accelerator.num_processes, largest_batch)
     if batches.total_batches() != plan.batches_per_epoch:
         raise TrainingError(f"the data gives {batches.total_batches()} batches per epoch but the plan says "
                             f"{plan.batches_per_epoch}; re-run `loracli plan` (did the dataset change?)")
@@ -474,14 +477,17 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                         with torch.set_grad_enabled(train_te):
                             cond = text_cache(batch.captions, device) if text_cache is not None else \
                                 conditioner.encode(batch.captions, device)
-                        noise = sample_noise(latents, None, tr.noise_offset, tr.noise_offset_random_strength,
-                                             tr.adaptive_noise_scale, tr.multires_noise_iterations,
-                                             tr.multires_noise_discount)
-                        timesteps = sample_timesteps(latents.shape[0], tr.min_timestep, tr.max_timestep,
-                                                     num_timesteps, device, None)
+                        # drawn for the step's batch across all processes; each keeps its rows
+                        rows, wide = latents.shape[0], draws.widen(latents)
+                        wide_noise = sample_noise(wide, None, tr.noise_offset, tr.noise_offset_random_strength,
+                                                  tr.adaptive_noise_scale, tr.multires_noise_iterations,
+                                                  tr.multires_noise_discount)
+                        noise = draws.own(wide_noise, rows)
+                        timesteps = draws.own(sample_timesteps(wide.shape[0], tr.min_timestep, tr.max_timestep,
+                                                               num_timesteps, device, None), rows)
                         noisy = noise_scheduler.add_noise(
-                            latents, input_perturbation(latents, noise, tr.ip_noise_gamma,
-                                                        tr.ip_noise_gamma_random_strength), timesteps)
+                            latents, draws.own(input_perturbation(wide, wide_noise, tr.ip_noise_gamma,
+                                                                  tr.ip_noise_gamma_random_strength), rows), timesteps)
                         images = [plan.images[i] for i in batch.indices]
                         unet_inputs = conditioner.unet_kwargs(cond, [original_sizes[i] for i in batch.indices],
                                                               [im.bucket for im in images], batch.flipped,
