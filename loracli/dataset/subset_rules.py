@@ -104,6 +104,13 @@ def _bucket_findings(config: LoracliConfig, spec: DatasetSpec, family: ModelFami
                                f"{w}x{h} lies outside the bucket limits {opts.min_bucket_reso}-"
                                f"{opts.max_bucket_reso}", f"set min_bucket_reso/max_bucket_reso in {key} to "
                                "include it, or change its resolution", SD_BUCKETS))
+        step = opts.bucket_reso_steps
+        if opts.min_bucket_reso % step or opts.max_bucket_reso % step:  # W41: W12 for each dataset
+            lo, hi = opts.min_bucket_reso // step * step, -(-opts.max_bucket_reso // step) * step
+            out.append(Finding("warning", "W41", origin(config, spec, "min_bucket_reso"),
+                               f"bucket limits {opts.min_bucket_reso}-{opts.max_bucket_reso} of {key} are not "
+                               f"multiples of {step}; used as {lo}-{hi} (min rounded down, max up), as sd-scripts "
+                               "does", f"set them to {lo} and {hi}", SD_BUCKETS))
     if family.name == "sdxl" and min(opts.resolution_wh) < 768:
         w, h = opts.resolution_wh
         out.append(Finding("warning", "W40", origin(config, spec, "resolution"),

@@ -161,6 +161,9 @@ BAD = [
     ("cached latents, random_crop", THREE_SUBSETS.replace("keep_tokens = 1", "keep_tokens = 1\ncache_latents = true")
      .replace("flip_aug = true", "random_crop = true"), 2, "datasets[0].subsets[1].random_crop"),
     ("neither form", HEAD + "[training]\nmax_train_epochs = 1\n", 2, "dataset.train_data_dir"),
+    ("resolution outside the dataset's buckets", THREE_SUBSETS.replace("resolution = 512",
+                                                                       "resolution = 512\nmax_bucket_reso = 384"),
+     2, "datasets[0].resolution"),
 ]
 
 
