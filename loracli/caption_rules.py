@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 SD_WEIGHTS = "sd-scripts library/strategy_base.py (weighted captions)"
 SD_CAPTIONS = "sd-scripts library/train_util.py (process_caption)"
+WEIGHT_HINT = "write the weight as a number, e.g. (word:1.2), or escape literal brackets as \\( \\)"
 
 
 def _settings(config: LoracliConfig, key: str) -> Iterator[tuple[str, object]]:
@@ -95,7 +96,7 @@ def caption_data_findings(config: LoracliConfig, scan: DatasetScan) -> list[Find
                     if reorders and _separator_inside_brackets(caption, separator):
                         split.append(str(image.caption_path or image.path))
         # E71: sd-scripts stops at the first step that meets such a caption (float() of the weight fails).
-        problems += [Problem(where, f"[E71] {message}", "fix the weight, or escape the brackets as \\( \\)")
+        problems += [Problem(where, f"[E71] {message}", WEIGHT_HINT)
                      for where, message in bad]
         # W70: shuffle/tag dropout split captions at the separator, brackets and all.
         if split:
@@ -115,7 +116,7 @@ def caption_data_findings(config: LoracliConfig, scan: DatasetScan) -> list[Find
                 except PromptWeightError as exc:
                     # E72: sample prompts are always read with weights (sd-scripts' sampling pipelines).
                     problems.append(Problem(f"sample.sample_prompts: {prompts} line {p.line}", f"[E72] {exc}",
-                                            "fix the weight, or escape the brackets as \\( \\)"))
+                                            WEIGHT_HINT))
     if problems:  # a data file is wrong: exit 3, like every other unreadable input
         raise DatasetError(problems)
     return out

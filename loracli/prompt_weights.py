@@ -44,8 +44,7 @@ def _number(weight: str, text: str) -> float:
     try:
         return float(weight)
     except ValueError:
-        raise PromptWeightError(f'"{weight}" in "{text}" is not a weight (write e.g. "(word:1.2)", '
-                                'or "\\(" for a literal bracket)') from None
+        raise PromptWeightError(f'"{weight}" in "{text}" is not a weight') from None
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
