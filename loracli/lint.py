@@ -415,6 +415,13 @@ def lint_network_weights(config: LoracliConfig, family: ModelFamily) -> list[Fin
                            f"{where} holds {'/'.join(sorted(algos))} modules but network.algo is {net.algo!r}",
                            f"set network.algo to match the file ({'/'.join(sorted(algos))})"))
         return out
+    # E58: a DoRA file's magnitudes (dora_scale) load only into a DoRA network, and a DoRA network needs them.
+    dora = any(name.endswith(".dora_scale") for name in header.tensors)
+    if dora != net.dora_wd:
+        out.append(Finding("error", "E58", "network.dora_wd",
+                           f"{where} {'is' if dora else 'is not'} a DoRA file (dora_scale tensors) but "
+                           f"network.dora_wd is {str(net.dora_wd).lower()}",
+                           f"set network.dora_wd = {str(dora).lower()} to continue from it", "LyCORIS lycoris/kohya.py"))
     linear = {m.dim for m in modules if not m.conv and m.dim is not None}
     if len(linear) == 1 and net.dim not in linear:
         (dim,) = linear

@@ -1,6 +1,6 @@
 """Plan-time rules of the network options from the guides: block-wise LoRA, LoRA+, DoRA, LyCORIS presets.
 
-E50-E56 refuse what sd-scripts refuses (or would silently ignore: an accepted option must do something);
+E50-E57 refuse what sd-scripts refuses (or would silently ignore: an accepted option must do something);
 W50 warns where sd-scripts warns. The block counts depend on the family (network_blocks).
 """
 
@@ -37,6 +37,12 @@ def network_findings(config: LoracliConfig, family: ModelFamily) -> list[Finding
                            'DoRA is a LyCORIS option; network.algo = "lora" (sd-scripts\' networks.lora) has no '
                            "weight decomposition", 'set network.algo = "locon" (the LoRA Training Guide\'s DoRA '
                            "runs LyCORIS' LoCon with dora_wd)", f"{TRAINING_GUIDE}; {LYCORIS}"))
+    # E57: LyCORIS' DoRA LoCon drops network_dropout (it warns; the guide says so too).
+    if net.dora_wd and net.algo == "locon" and net.network_dropout:
+        out.append(Finding("error", "E57", "network.network_dropout",
+                           "LyCORIS ignores network_dropout with network.dora_wd = true (only rank_dropout and "
+                           "module_dropout apply)", "remove network_dropout, or use rank_dropout/module_dropout",
+                           f"{TRAINING_GUIDE}; LyCORIS lycoris/modules/locon.py"))
     # E52: LoRA+ scales the parameters named lora_up; LoHa and LoKr have none, so it would change nothing.
     plus = [k for k in LORAPLUS if getattr(net, k) is not None]
     if plus and net.algo in ("loha", "lokr"):

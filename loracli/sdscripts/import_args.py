@@ -309,7 +309,7 @@ def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[st
         target = NET_ARG_ALIASES.get(key, key)
         dotted = "network.network_dropout" if target == "network_dropout" else key_for_network_arg(target)
         if key in BLOCK_KEYS:
-            result.skip(label, f"{key} is a networks.lora option; LyCORIS ignores it")
+            result.skip(label, f"{key} is a block-wise option of networks.lora; LyCORIS ignores it")
         elif dotted is None:
             result.skip(label, f"LyCORIS option {key}={text} is not supported by loracli")
         elif key in LORAPLUS_KEYS:

@@ -150,6 +150,31 @@ def test_e55_e56_presets(tmp_path):
     assert not {"E55", "E56"} & set(codes(tmp_path, locon + ['network.lycoris_preset="unet-convblock-only"']))
 
 
+def test_e57_dora_locon_ignores_network_dropout(tmp_path):
+    dora = ['network.algo="locon"', "network.dora_wd=true"]
+    assert codes(tmp_path, dora + ["network.network_dropout=0.1"])["E57"] == ["network.network_dropout"]
+    assert "E57" not in codes(tmp_path, dora + ["network.rank_dropout=0.1", "network.module_dropout=0.1"])
+
+
+def test_e58_network_weights_and_dora_must_agree(tmp_path, make_image):
+    from tests.pure.test_lint import SD1_Q, plan_with_weights
+    from tests.pure.test_model_probe import write_safetensors
+
+    shapes = {f"{SD1_Q}.lora_down.weight": (4, 32), f"{SD1_Q}.lora_up.weight": (32, 4), f"{SD1_Q}.alpha": (),
+              f"{SD1_Q}.dora_scale": (1, 32)}
+    dora_file = write_safetensors(tmp_path / "dora.safetensors", shapes)
+    locon = ["network.algo='locon'", "network.network_module='lycoris.kohya'"]
+    missing = plan_with_weights(tmp_path, make_image, dora_file, "tiny:sd15", *locon)
+    assert missing.exit_code == 2 and "network.dora_wd: [E58]" in missing.stderr
+    assert "set network.dora_wd = true" in missing.stderr
+    assert plan_with_weights(tmp_path, make_image, dora_file, "tiny:sd15", *locon, "network.dora_wd=true"
+                             ).exit_code == 0
+    plain = write_safetensors(tmp_path / "plain.safetensors",
+                              {k: v for k, v in shapes.items() if not k.endswith("dora_scale")})
+    extra = plan_with_weights(tmp_path, make_image, plain, "tiny:sd15", *locon, "network.dora_wd=true")
+    assert extra.exit_code == 2 and "is not a DoRA file" in extra.stderr
+
+
 def test_w50_long_lr_weights_are_cut(tmp_path):
     assert codes(tmp_path, [f"network.mid_lr_weight={[1] * 3}"], family=SDXL).get("W50") is None
     assert codes(tmp_path, [f"network.mid_lr_weight={[1] * 3}"])["W50"] == ["network.mid_lr_weight"]
