@@ -28,7 +28,8 @@ from loracli.buckets import (
 from loracli.config.loader import ResolvedConfig
 from loracli.config.schema import DatasetSection, LoracliConfig
 from loracli.dataset.masks import plan_pixels
-from loracli.dataset.scan import DatasetScan, scan_dataset
+from loracli.dataset.scan import DatasetScan, SubsetSource, scan_dataset, scan_dataset_config
+from loracli.dataset.subsets import DatasetSpec, dataset_specs, differing_options
 from loracli.errors import ConfigError, DatasetError, Problem
 from loracli.family import ModelFamily
 from loracli.lint import Finding, lint_config, lint_data, lint_network_weights, pickle_checkpoint_finding
@@ -344,7 +345,7 @@ def load_plan(path: Path) -> Plan:
 class PlannedDatasets:
     """The [[datasets]] planned one by one (sd-scripts' DatasetGroup): each its own buckets and batch size."""
 
-    specs: list[Any]  # loracli.dataset.subsets.DatasetSpec
+    specs: list[DatasetSpec]
     scans: list[DatasetScan]
     per_dataset: list[list[PlannedImage]]
     ar_per_dataset: list[list[float]]
@@ -395,8 +396,6 @@ class PlannedDatasets:
 
     def summaries(self, config: LoracliConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """plan.datasets, and plan.buckets: every dataset's buckets in dataset order, each naming its dataset."""
-        from loracli.dataset.subsets import differing_options
-
         summaries, all_buckets = [], []
         for spec, scan, ar in zip(self.specs, self.scans, self.ar_per_dataset):
             batch = spec.own_batch_size or config.training.train_batch_size
@@ -427,9 +426,6 @@ class PlannedDatasets:
 
 def plan_datasets(resolved: ResolvedConfig, holdout: Holdout, notes: list[str]) -> PlannedDatasets:
     """Scan and bucket each [[datasets]] entry with its own resolution and bucket options."""
-    from loracli.dataset.scan import SubsetSource, scan_dataset_config
-    from loracli.dataset.subsets import dataset_specs
-
     specs = dataset_specs(resolved.config)
     sources = [[SubsetSource(s.key, s.dataset, s.index, s.image_dir, s.num_repeats, s.is_reg, s.class_tokens,
                              s.options.caption_extension) for s in spec.subsets] for spec in specs]
