@@ -62,6 +62,14 @@ def mask_source(image: PlannedImage, options: DatasetSection) -> str | None:
     return getattr(image, "mask", "") or None
 
 
+def original_size(image: PlannedImage, options: DatasetSection, latents_cached: bool) -> tuple[int, int]:
+    """SDXL's "original size" conditioning as sd-scripts gives it: the file's size, except on its unbucketed
+    pixel path (no resize, a crop), where it reports the crop, i.e. the resolution (and a crop offset of 0)."""
+    if not options.enable_bucket and not latents_cached:
+        return tuple(image.bucket)
+    return tuple(image.size)
+
+
 def load_pixels(image: PlannedImage, random_crop: bool, rng: random.Random) -> np.ndarray:
     """Resize to the planned size, then crop the overflow (centre, or random with random_crop)."""
     return load_example(image, random_crop, rng, None)[0]

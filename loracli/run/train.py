@@ -31,7 +31,7 @@ from loracli.captions import process_caption
 from loracli.run.compiled import StepTiming, compile_failure, compile_unet
 from loracli.run.conditioning import Conditioner, TextCache, conditioner_for
 from loracli.dataset.subsets import image_options
-from loracli.run.data import BucketBatches, ExampleLoader, caption_options, mask_source
+from loracli.run.data import BucketBatches, ExampleLoader, caption_options, mask_source, original_size
 from loracli.run.latents import LatentCache, encode
 from loracli.run.metadata import (
     assemble_file_metadata,
@@ -304,9 +304,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
         sd.unet.to(device)
     loader = ExampleLoader(plan, ds, plan.total_steps, load_pixels_=cache is None, seed=tr.seed + 1,
                            image_options=per_image)
-    # SDXL's original size: sd-scripts' unbucketed pixel path (no resize, a crop) reports the cropped size
-    original_sizes = [im.bucket if not o.enable_bucket and cache is None else im.size
-                      for im, o in zip(plan.images, per_image)]
+    original_sizes = [original_size(im, o, cache is not None) for im, o in zip(plan.images, per_image)]  # SDXL
     text_cache = _text_cache(config, plan, conditioner, device, log) if _caches_text(config) else None
     if text_cache is not None and not plan.sample_rounds:
         for te in sd.text_encoders:  # frozen and no longer read: free the device (sd-scripts does too)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from loracli.config.loader import resolve_config
 from loracli.plan import build_plan
-from loracli.run.data import ALPHA, ExampleLoader, load_example, mask_source, stack_masks
+from loracli.run.conditioning import size_time_ids
+from loracli.run.data import ALPHA, ExampleLoader, load_example, mask_source, original_size, stack_masks
 from loracli.run.latents import LatentCache
 from loracli.run.step import diffusion_loss
 
@@ -55,6 +56,17 @@ def test_unbucketed_image_is_cropped_not_resized(tmp_path):
     pixels, mask = load_example(image, True, random.Random(7), None)
     assert mask is None
     assert np.array_equal(pixels, rgba[y:y + 64, x:x + 64, :3])  # a hand-made crop of the file, no resize
+
+
+def test_sdxl_size_conditioning_of_an_unbucketed_crop(tmp_path):
+    """sd-scripts' unbucketed pixel path: original_size = the cropped image's size, crop_ltrb = (0, 0, 0, 0)."""
+    _cutout(tmp_path)
+    plan, config = _alpha_plan(tmp_path, "random_crop = true")
+    image = plan.images[0]
+    assert original_size(image, config.dataset, latents_cached=False) == (64, 64)
+    assert original_size(image, config.dataset, latents_cached=True) == (96, 80)  # the caching path's resize
+    # (h, w) original, (top, left) crop, (h, w) target
+    assert size_time_ids([(64, 64)], [(64, 64)], [False]).tolist() == [[64, 64, 0, 0, 64, 64]]
 
 
 def test_cached_unbucketed_image_is_cover_resized_and_centre_cropped(tmp_path):
