@@ -225,7 +225,9 @@ def model_configs(path: str, kind: str, family: ModelFamily) -> tuple[dict[str, 
         if family.name == "sdxl":
             from loracli.vram import SDXL_UNET
 
-            return dict(SDXL_UNET), STANDARD_TEXT_LAYERS["sdxl"]
+            # SDXL's text-time conditioning (add_embedding) and linear projections, which the estimate's copy omits
+            config = {**SDXL_UNET, "addition_embed_type": "text_time", "use_linear_projection": True}
+            return config, STANDARD_TEXT_LAYERS["sdxl"]
         asset = Path(__file__).parent / "run" / "assets" / f"{family.name}_unet.json"
         try:
             return json.loads(asset.read_text(encoding="utf-8")), STANDARD_TEXT_LAYERS.get(family.name, (12,))
