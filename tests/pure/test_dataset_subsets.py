@@ -288,3 +288,22 @@ def test_vram_estimate_takes_the_largest_bucket_and_the_largest_dataset_batch(fo
     assert plan.vram["total"] == peaks[(side, batch)].total
     plan = build_plan(resolve_config(cfg, overrides=["training.vram_gb=80", "training.train_batch_size=4"]))
     assert plan.vram["batch_size"] in (2, 5)  # train_batch_size is not used: every dataset sets its own
+
+
+def test_inspect_shows_each_datasets_resolution_and_batch(tmp_path):
+    from loracli.lorafile import inspect_file, render_inspect
+    from tests.pure.test_inspect import write_safetensors
+
+    datasets = [{"resolution": [1024, 1024], "batch_size_per_device": 2, "subsets": [
+                    {"image_dir": "char", "num_repeats": 10, "img_count": 12, "is_reg": False}]},
+                {"resolution": [512, 768], "batch_size_per_device": 8, "subsets": []}]
+    path = write_safetensors(tmp_path / "x.safetensors", {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": ("F32", [4, 320], 0.0),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": ("F32", [320, 4], 0.0),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": ("F32", [], 4.0)},
+        {"ss_datasets": json.dumps(datasets), "ss_network_module": "networks.lora"})
+    report = inspect_file(path)
+    assert report["training"]["resolution"] == "1024x1024 / 512x768"
+    assert report["training"]["batch_size_per_device"] == "2 / 8"
+    assert "1024x1024 / 512x768, batch 2 / 8" in render_inspect(report)
+    assert report["dataset_dirs"] == [{"dir": "char", "repeats": 10, "images": 12}]
