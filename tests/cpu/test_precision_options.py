@@ -225,3 +225,84 @@ def test_fp8_base_stores_the_text_encoders_too():
         assert linears and all(m.parametrizations.weight.original.dtype == FP8 for m in linears)
     embeddings = [m for te in sd.text_encoders for m in te.modules() if isinstance(m, torch.nn.Embedding)]
     assert embeddings and all(m.weight.dtype == torch.bfloat16 for m in embeddings)  # fp8 has no embedding
+
+
+# --- memory order and torch_compile (one eager run shared by both) ------------------------------
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    """A plain 3-step run that records, in order, where the UNet and the VAE are moved and when the
+    latent cache is filled."""
+    from tests.conftest import write_image
+    from loracli.run import train as train_module
+
+    events: list[tuple[str, object]] = []
+    real_load, real_fill = train_module.load_sd_components, train_module.LatentCache.fill
+
+    def spying_to(name, module):
+        real_to = module.to
+
+        def to(*args, **kwargs):
+            device = args[0] if args else kwargs.get("device")
+            events.append((name, None if device is None else torch.device(device).type))
+            return real_to(*args, **kwargs)
+        return to
+
+    def load(*args, **kwargs):
+        sd = real_load(*args, **kwargs)
+        sd.unet.to, sd.vae.to = spying_to("unet", sd.unet), spying_to("vae", sd.vae)
+        return sd
+
+    def fill(self, *args, **kwargs):
+        events.append(("cache", None))
+        return real_fill(self, *args, **kwargs)
+
+    train_module.load_sd_components, train_module.LatentCache.fill = load, fill
+    try:
+        run_dir = make_run(tmp_path_factory.mktemp("eager"), write_image, "")
+        train_module.train(run_dir)
+    finally:
+        train_module.load_sd_components, train_module.LatentCache.fill = real_load, real_fill
+    return run_dir, events
+
+
+def test_latents_are_cached_before_the_unet_reaches_the_device(eager_run):
+    """sd-scripts: VAE on the device, cache, VAE off, then the UNet; the UNet is only cast before
+    (`.to(None, dtype=...)`), so the caching pass never holds it on the device."""
+    _, events = eager_run
+    cache = events.index(("cache", None))
+    before, after = events[:cache], events[cache + 1:]
+    assert ("vae", "cpu") in before  # the device (a CPU here)
+    assert [e for e in before if e[0] == "unet"] == [("unet", None)]  # cast in place, not moved
+    assert after[:2] == [("vae", "cpu"), ("unet", "cpu")]  # VAE off the device, then the UNet on it
+
+
+def test_torch_compile_trains_as_eager_and_reports_the_first_step_apart(tmp_path, make_image, eager_run):
+    """aot_eager runs the compiled graphs with eager kernels (no C compiler needed, unlike inductor's
+    ~1 min compile of even the tiny UNet on this CPU): the losses equal the eager run's; dynamo
+    must really have compiled frames, and status.json holds the first step apart from the rest."""
+    from torch._dynamo.utils import counters
+
+    from loracli.run.train import train
+
+    eager_dir, _ = eager_run
+    counters.clear()
+    run_dir = make_run(tmp_path, make_image, 'torch_compile = true\ndynamo_backend = "aot_eager"')
+    final = train(run_dir)
+    assert counters["stats"]["unique_graphs"] > 0
+    torch.testing.assert_close(losses(run_dir), losses(eager_dir), rtol=1e-4, atol=1e-5)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["first_step_s"] > 0 and 0 < status["steady_step_s"] < status["first_step_s"]
+    assert final.is_file()
+
+
+def test_a_failing_compile_is_one_line_naming_the_option():
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from loracli.run.compiled import compile_failure
+
+    failure = compile_failure(BackendCompilerFailed(lambda *a: None, RuntimeError("no C compiler\nmore"), None),
+                              "inductor")
+    assert failure is not None and "training.torch_compile" in str(failure) and "\n" not in str(failure)
+    assert 'dynamo_backend = "aot_eager"' in str(failure)
+    assert compile_failure(RuntimeError("other"), "inductor") is None
