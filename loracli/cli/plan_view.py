@@ -48,6 +48,10 @@ def print_plan(resolved: ResolvedConfig, plan: Plan, console: Console | None = N
                   + (f"   skipped: {len(plan.skipped)}" if plan.skipped else ""))
     if plan.validation_images:
         console.print(validation_line(cfg, plan), markup=False)
+    from loracli.dataset.masks import masks_line
+
+    if line := masks_line(cfg, plan.images):
+        console.print(line, markup=False)
 
     buckets = Table(title="buckets", title_justify="left")
     for col in (("dataset",) if plan.datasets else ()) + ("resolution", "images×repeats", "batches"):

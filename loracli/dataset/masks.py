@@ -213,3 +213,12 @@ def mask_rules(config: LoracliConfig) -> list[Finding]:
                                "give every subset of this dataset a conditioning_data_dir, or move the masked "
                                "subsets to their own [[datasets]]", SD_MASKS))
     return out
+
+
+def masks_line(config: LoracliConfig, images: Sequence[PlannedImage]) -> str | None:
+    """What `loracli plan` says about loss masks (None when no image is masked)."""
+    by_alpha = sum(1 for o in image_options(config, images) if o.alpha_mask)
+    by_file = sum(1 for image in images if getattr(image, "mask", ""))
+    parts = ([f"{by_alpha} image(s) by their alpha channel"] if by_alpha else []) + \
+        ([f"{by_file} image(s) by mask images (red channel)"] if by_file else [])
+    return f"loss masks: {', '.join(parts)}" if parts else None

@@ -88,6 +88,8 @@ def test_mask_images_are_found_by_stem(tmp_path):
     plan = json.loads(_plan(cfg).stdout)
     masks = {Path(i["path"]).name: Path(i["mask"]).name for i in plan["images"]}
     assert masks == {"a.png": "a.png", "b.jpg": "b.png"}
+    shown = run_cli("plan", "--config", cfg)
+    assert "loss masks: 2 image(s) by mask images (red channel)" in shown.stdout
 
 
 @pytest.mark.parametrize("masks, named, says", [
