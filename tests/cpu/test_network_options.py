@@ -261,6 +261,11 @@ def test_plan_module_counts_are_the_modules_the_run_creates(models, name, case):
         names = getattr(net, "_loracli_names", {})
         got = {names.get(lora.lora_name, lora.lora_name): getattr(lora, "lora_dim", None) for lora in _loras(net)}
     assert {m.name for m in planned} == set(got)
+    # the built model's folder (unet/config.json, text_encoder*/config.json) gives the same table
+    from loracli.run.tiny_model import ensure_tiny_model
+
+    folder = model_configs(str(ensure_tiny_model(name)), "diffusers", family)
+    assert planned_modules(NetworkSection(**options), family, *folder) == planned
     if options.get("algo", "lora") == "lora":
         assert {m.name: m.rank for m in planned} == got
 

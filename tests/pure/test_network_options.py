@@ -266,3 +266,16 @@ def test_every_preset_and_network_option_exports_and_imports_back(preset, varian
     before, after = original.config.model_dump(), back.config.model_dump()
     for section in ("model", "optimizer", "training"):  # the dataset's round trip is test_sdscripts_roundtrip's
         assert after[section] == before[section], section
+
+
+def test_full_size_counts_are_the_ones_sd_scripts_prints(tmp_path):
+    """Single files lay out the released UNets: SD1.5 192 UNet + 72 text-encoder modules (LoCon: 278 UNet),
+    SDXL 722 + 72 + 192, the counts sd-scripts prints for them."""
+    from loracli.config.schema import NetworkSection
+    from loracli.network_layout import model_configs, planned_modules
+
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")  # only its existence matters: the family's own layout is used
+    for family, kw, unet, te in ((SD1, {}, 192, 72), (SD1, {"conv_dim": 8}, 278, 72), (SDXL, {}, 722, 72 + 192)):
+        modules = planned_modules(NetworkSection(**kw), family, *model_configs(str(checkpoint), "single-file", family))
+        assert (sum(m.part == "unet" for m in modules), sum(m.part != "unet" for m in modules)) == (unet, te)
