@@ -19,6 +19,7 @@ from loracli.caption_rules import caption_config_findings, caption_data_findings
 from loracli.config.schema import LoracliConfig
 from loracli.dataset.subset_rules import subset_config_findings
 from loracli.family import FAMILIES, ModelFamily
+from loracli.prompt_weights import PromptWeightError, plain_text
 from loracli.sample_prompts import read_prompt_file
 
 if TYPE_CHECKING:
@@ -450,13 +451,26 @@ def estimate_clip_tokens(prompt: str) -> int:
     return len(re.findall(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]", prompt))
 
 
+def sample_prompt_token_limit(family: ModelFamily, max_token_length: int | None) -> int:
+    """Tokens sd-scripts' sampler reads: SD1/SD2 up to 3 windows of 75 whatever max_token_length
+    (its long-prompt-weighting pipeline); SDXL max_token_length (75 when unset)."""
+    return (max_token_length or 75) if family.name == "sdxl" else 3 * 75
+
+
+def _without_weights(prompt: str) -> str:
+    try:
+        return plain_text(prompt)
+    except PromptWeightError:  # E72 reports it
+        return prompt
+
+
 def read_sample_prompts(path: Path) -> list[str]:
     """Prompt lines of an sd-scripts prompt file, options (--n, --w, ...) removed."""
     return [p.prompt for p in read_prompt_file(path)]
 
 
 def lint_data(config: LoracliConfig, scan: DatasetScan, schedule: Schedule,
-              buckets: list[dict]) -> list[Finding]:
+              buckets: list[dict], family: ModelFamily = FAMILIES["sd1"]) -> list[Finding]:
     """Rules that need the dataset scan and the step schedule."""
     out: list[Finding] = []
     tr = config.training
@@ -512,11 +526,12 @@ def lint_data(config: LoracliConfig, scan: DatasetScan, schedule: Schedule,
             out.append(Finding("warning", "W11", "sample.sample_prompts",
                                f"option {unknown[0][1]} (line {unknown[0][0]}) is not used; loracli reads "
                                "--n --w --h --d --l --s", "remove it", "sd-scripts prompt files"))
-        long = [p for p in prompts if estimate_clip_tokens(p) > 75]
+        limit = sample_prompt_token_limit(family, config.dataset.max_token_length)
+        long = [p for p in prompts if estimate_clip_tokens(_without_weights(p)) > limit]
         if long:
             out.append(Finding("warning", "W11", "sample.sample_prompts",
-                               f"{len(long)} prompt(s) longer than 77 tokens are cut, e.g. {long[0][:40]!r}...",
-                               "shorten them", TRAINING_GUIDE))
+                               f"{len(long)} prompt(s) longer than the {limit} tokens the sampler reads are cut, "
+                               f"e.g. {long[0][:40]!r}...", "shorten them", TRAINING_GUIDE))
         if tr.num_processes > 1 and len(prompts) % tr.num_processes:
             out.append(Finding("warning", "W11", "sample.sample_prompts",
                                f"{len(prompts)} prompts do not divide among {tr.num_processes} processes",

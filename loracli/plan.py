@@ -267,7 +267,7 @@ def build_plan(resolved: ResolvedConfig) -> Plan:
                                     tr.gradient_accumulation_steps, tr.max_train_epochs, tr.max_train_steps)
     except ValueError as exc:
         raise ConfigError(Problem("training.max_train_epochs", str(exc))) from None
-    findings += lint_data(config, scan, schedule, buckets)
+    findings += lint_data(config, scan, schedule, buckets, family)
     findings += pixel_findings
     findings += validation_findings(config, holdout)
     findings += memory.findings

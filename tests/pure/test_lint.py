@@ -8,8 +8,8 @@ import pytest
 
 from loracli.config.loader import resolve_config
 from loracli.errors import ConfigError, DatasetError
-from loracli.family import SD1, SD2, SDXL
-from loracli.lint import estimate_clip_tokens, lint_config, read_sample_prompts
+from loracli.family import FAMILIES, SD1, SD2, SDXL
+from loracli.lint import estimate_clip_tokens, lint_config, read_sample_prompts, sample_prompt_token_limit
 from loracli.plan import build_plan
 from tests.pure.cli_helpers import EXAMPLE_DATASET_TOML
 
@@ -339,11 +339,19 @@ def test_w10_not_raised_in_range(tmp_path, make_image):
 
 def test_w11_long_prompts_and_process_split(tmp_path, make_image):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# comment\n" + ", ".join(f"tag{i}" for i in range(60)) + " --n bad --w 512\n"
+    # 113 tags + 112 commas = 225 tokens: all that SD1's sampler reads (3 windows of 75); one more is cut
+    prompts.write_text("# comment\n" + ", ".join(f"tag{i}" for i in range(113)) + " --n bad --w 512\n"
                        "short one\nthird\n")
     extra = f"[sample]\nsample_prompts = '{prompts}'\n"
     warnings, _ = plan_warnings(tmp_path, make_image, extra)
-    assert warnings["W11"]["key"] == "sample.sample_prompts" and "77 tokens" in warnings["W11"]["message"]
+    assert "W11" not in warnings
+    prompts.write_text("# comment\n(" + ", ".join(f"tag{i}" for i in range(114)) + ":1.2) --n bad --w 512\n"
+                       "short one\nthird\n")  # the weight's brackets and number are not tokens
+    warnings, _ = plan_warnings(tmp_path, make_image, extra)
+    assert warnings["W11"]["key"] == "sample.sample_prompts" and "225 tokens" in warnings["W11"]["message"]
+    assert sample_prompt_token_limit(FAMILIES["sdxl"], None) == 75
+    assert sample_prompt_token_limit(FAMILIES["sdxl"], 150) == 150
+    assert sample_prompt_token_limit(FAMILIES["sd2"], 75) == 225
     assert read_sample_prompts(prompts)[1:] == ["short one", "third"]
     assert estimate_clip_tokens("a photo, of a cat") == 6
     cfg = tmp_path / "c.toml"
