@@ -15,6 +15,7 @@ CONFIG = """
 pretrained_model_name_or_path = "tiny:sd15"
 [dataset]
 enable_bucket = true
+cache_latents = true
 min_bucket_reso = 64
 max_bucket_reso = 128
 [network]
@@ -69,6 +70,8 @@ def test_three_subsets_with_reg_train_with_their_own_options(tmp_path, make_imag
     result = run_cli("train", "--config", tmp_path / "loracli.toml")
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     run = next((tmp_path / "runs").iterdir())
+    # the latent cache holds a mirrored copy only of the flip_aug subset's images: 3 + 2 + 2 images, + 2 mirrors
+    assert "latents cached: 9 encoded" in result.stdout + result.stderr
     plan = json.loads((run / "plan.json").read_text())
     # 3 × 2 + 2 × 1 = 8 training samples; 2 reg images balanced up to 8 samples; one 64x64 bucket at 64 px
     assert (plan["num_train_images"], plan["num_reg_images"], plan["batches_per_epoch"]) == (8, 2, (8 + 8) // 2)
