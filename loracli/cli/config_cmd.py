@@ -139,6 +139,8 @@ pretrained_model_name_or_path = "tiny:sd15"
 
 [dataset]
 # The PARENT of folders named <repeats>_<name>, e.g. dataset/1_mychar/001.png + 001.txt
+# (folders with their own options or resolutions: replace train_data_dir by sd-scripts' dataset config,
+#  [[datasets]] with [[datasets.subsets]] image_dir = "...", num_repeats = 10, ...; see the README)
 train_data_dir = "dataset"
 # reg_data_dir = "reg"
 resolution = 512
