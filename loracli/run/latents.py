@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from loracli.errors import DatasetError, Problem
 from loracli.plan import Plan, PlannedImage
 from loracli.run.data import ALPHA, load_example, stack_masks, to_tensor
 
@@ -47,7 +48,11 @@ def cache_key(image: PlannedImage, flip: bool, vae_id: str, dtype: str, mask_fro
 
 
 def _file_identity(path: str) -> dict[str, object]:
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise DatasetError(Problem(path, f"cannot read the mask image ({exc.strerror})",
+                                   "put it back, or re-run `loracli plan`")) from None
     return {"path": str(Path(path).resolve()), "mtime_ns": stat.st_mtime_ns, "bytes": stat.st_size}
 
 

@@ -204,3 +204,19 @@ def test_loader_flip_mirrors_pixels_and_mask_together(tmp_path, flip):
     opaque = rgba[:, :, 3] > 0
     expected = opaque[:, ::-1] if flip else opaque
     assert np.array_equal(batch.masks[0].numpy() > 0, expected)
+
+
+def test_a_mask_removed_after_planning_is_named(tmp_path):
+    from loracli.errors import DatasetError
+
+    (tmp_path / "data" / "1_x").mkdir(parents=True)
+    Image.fromarray(_noise(64, 64, 3, 2)).save(tmp_path / "data" / "1_x" / "a.png")
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (64, 64), 255).save(tmp_path / "masks" / "a.png")
+    plan, config = _alpha_plan(tmp_path, 'conditioning_data_dir = "masks"', training="masked_loss = true")
+    (tmp_path / "masks" / "a.png").unlink()
+    with pytest.raises(DatasetError) as err:
+        load_example(plan.images[0], False, random.Random(0), mask_source(plan.images[0], config.dataset))
+    assert str(tmp_path / "masks" / "a.png") in str(err.value)
+    with pytest.raises(DatasetError):
+        LatentCache(plan, False, tmp_path / "lat", [plan.images[0].mask]).fill(_PoolVAE(), 1.0, "pool", 1, 0)
