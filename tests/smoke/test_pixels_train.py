@@ -1,6 +1,6 @@
 """alpha_mask through `loracli train` on tiny:sd15: fully transparent images leave nothing to learn, so every
 step's loss is exactly 0 (from pixels: unbucketed random crops, colour and flip augmentation; and from the
-disk latent cache, which carries the masks)."""
+disk latent cache, which carries the masks, with a masked validation loss)."""
 
 from __future__ import annotations
 
@@ -33,18 +33,22 @@ output_dir = "runs"
 
 @pytest.mark.parametrize("dataset", [
     "random_crop = true\ncolor_aug = true",  # pixels each step: crops of the 80x72 files, no resize
-    "cache_latents_to_disk = true",  # cover-resized once; the masks come back from the cache
+    "cache_latents_to_disk = true\nvalidation_split = 0.34",  # cover-resized once; masks from the cache
 ], ids=["pixels", "cached"])
 def test_transparent_images_give_zero_loss(tmp_path, monkeypatch, dataset):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LORACLI_CACHE", str(tmp_path / "cache"))
-    for i in range(2):
+    for i in range(3):
         path = tmp_path / "data" / "1_cut" / f"{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGBA", (80, 72), (200, 40 * i, 30, 0)).save(path)  # colour everywhere, alpha 0 everywhere
-    (tmp_path / "c.toml").write_text(CONFIG.format(dataset=dataset))
+    validation = "validate_every_n_steps = 1" if "validation" in dataset else ""
+    (tmp_path / "c.toml").write_text(CONFIG.format(dataset=dataset).replace("seed = 1", "seed = 1\n" + validation))
     result = run_cli("train", "--config", tmp_path / "c.toml")
     assert result.exit_code == 0, result.stderr
     run = next((tmp_path / "runs").iterdir())
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and losses == [0.0, 0.0]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in lines if "loss" in m] == [0.0, 0.0]
+    if validation:  # the held-out image's loss is masked the same way
+        val = [m["val_loss"] for m in lines if "val_loss" in m]
+        assert len(val) >= 2 and set(val) == {0.0}
