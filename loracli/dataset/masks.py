@@ -59,7 +59,8 @@ class _MaskFolder:
         self.folder = folder
         self.by_stem: dict[str, list[str]] = {}
         for name in sorted(os.listdir(folder)):
-            if is_image_name(name) and (folder / name).is_file():
+            # glob's "*" skips hidden files (macOS "._name.png" copies), so sd-scripts never sees them
+            if is_image_name(name) and not name.startswith(".") and (folder / name).is_file():
                 self.by_stem.setdefault(os.path.splitext(name)[0], []).append(name)
         self.used: set[str] = set()
 
@@ -79,7 +80,11 @@ def _folder(cache: dict[Path, _MaskFolder], folder: Path, key: str) -> _MaskFold
         if not folder.is_dir():
             found = "is not a folder" if folder.exists() else "folder not found"
             raise DatasetError(Problem(f"{key}: {folder}", found, "point it at the folder of mask images"))
-        cache[folder] = _MaskFolder(folder)
+        try:
+            cache[folder] = _MaskFolder(folder)
+        except OSError as exc:
+            raise DatasetError(Problem(f"{key}: {folder}", f"cannot be read ({exc.strerror})",
+                                       "check its permissions")) from None
     return cache[folder]
 
 
