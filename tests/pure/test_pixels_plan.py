@@ -201,3 +201,26 @@ def test_alpha_mask_flag_imports_from_a_command(tmp_path):
     assert result.unsupported == {}
     (tmp_path / "back.toml").write_text(render_toml(result), encoding="utf-8")
     assert resolve_config(tmp_path / "back.toml").config.dataset.alpha_mask is True
+
+
+def test_import_reads_subset_mask_keys(tmp_path):
+    (tmp_path / "config.toml").write_text('pretrained_model_name_or_path = "tiny:sd15"\nmasked_loss = true\n')
+    (tmp_path / "dataset.toml").write_text("""
+[[datasets]]
+resolution = 64
+[[datasets.subsets]]
+image_dir = "s1"
+conditioning_data_dir = "m"
+[[datasets]]
+resolution = 64
+[[datasets.subsets]]
+image_dir = "s2"
+alpha_mask = true
+""")
+    result = import_file(tmp_path / "config.toml", tmp_path / "dataset.toml")
+    assert result.unsupported == {}
+    (tmp_path / "back.toml").write_text(render_toml(result), encoding="utf-8")
+    config = resolve_config(tmp_path / "back.toml").config
+    assert config.training.masked_loss is True
+    first, second = config.datasets[0].subsets[0], config.datasets[1].subsets[0]
+    assert first.conditioning_data_dir == tmp_path / "m" and second.alpha_mask is True
