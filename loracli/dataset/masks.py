@@ -111,7 +111,12 @@ def plan_masks(config: LoracliConfig, groups: Sequence[list[PlannedImage]]
             if opts.conditioning_data_dir is None or image.is_reg:
                 out.append(image)
                 continue
-            folder = _folder(folders, Path(opts.conditioning_data_dir), _key(config, image, "conditioning_data_dir"))
+            key = _key(config, image, "conditioning_data_dir")
+            if Path(opts.conditioning_data_dir).resolve() == Path(image.path).parent.resolve():
+                raise DatasetError(Problem(f"{key}: {opts.conditioning_data_dir}", "is the folder of the training "
+                                           "images: each image would be its own mask",
+                                           "keep the masks in a folder of their own"))
+            folder = _folder(folders, Path(opts.conditioning_data_dir), key)
             mask = folder.mask_of(image.path)
             if mask is None:
                 stem = os.path.splitext(os.path.basename(image.path))[0]

@@ -224,3 +224,9 @@ alpha_mask = true
     assert config.training.masked_loss is True
     first, second = config.datasets[0].subsets[0], config.datasets[1].subsets[0]
     assert first.conditioning_data_dir == tmp_path / "m" and second.alpha_mask is True
+
+
+def test_the_image_folder_is_not_a_mask_folder(tmp_path):
+    cfg = _project(tmp_path, {"a.png": (64, 64)}, 'conditioning_data_dir = "data/2_x"', "masked_loss = true")
+    result = _plan(cfg)
+    assert result.exit_code == 3 and "is the folder of the training images" in result.stderr
