@@ -278,7 +278,9 @@ class NetworkSection(Section):
     @field_validator("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas",
                      "conv_block_dims", "conv_block_alphas", mode="before")
     @classmethod
-    def _numbers_only(cls, v: object) -> object:
+    def _numbers_only(cls, v: object, info: ValidationInfo) -> object:
+        if info.field_name == "mid_lr_weight" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return [v]  # SD1/SD2 have one middle block: a number is its weight (sd-scripts reads "0.5" so)
         if isinstance(v, list) and any(isinstance(x, (bool, str)) for x in v):
             raise ValueError("must be a list of numbers (no quotes, no true/false)")
         return v

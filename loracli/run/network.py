@@ -12,6 +12,10 @@ LyCORIS names modules after the model's own paths. kohya's names differ in two
 places, both handled by one name table built from the models (`kohya_names`):
 the text encoders' `text_model_` level (trap 3) and, for SDXL, the UNet, which
 kohya names in the SAI/ldm layout (`lora_unet_input_blocks_4_1_...`, keymap.py).
+
+`lycoris_preset` picks one of loracli's target tables (sdscripts/lycoris_targets.py); `dora_wd` passes
+through to LyCORIS. The optimizer groups are sd-scripts' (`prepare_param_groups`): per text encoder and
+UNet, per UNet block with block lr weights (plain LoRA), and LoRA+'s `lora_up` groups at lr × ratio.
 """
 
 from __future__ import annotations

@@ -105,6 +105,14 @@ def test_bad_lr_weights_are_config_errors(tmp_path, value):
         codes(tmp_path, [f"network.down_lr_weight={value}"])
 
 
+def test_a_single_mid_weight_may_be_a_number(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(EXAMPLE_DATASET_TOML)
+    assert resolve_config(cfg, [], ["network.mid_lr_weight=0.5"]).config.network.mid_lr_weight == [0.5]
+    with pytest.raises(ConfigError, match="mid_lr_weight"):
+        resolve_config(cfg, [], ["network.mid_lr_weight=true"])
+
+
 def test_e50_block_options_need_plain_lora(tmp_path):
     locon = ['network.algo="locon"']
     assert codes(tmp_path, locon + ["network.block_dims=[4]"])["E50"] == ["network.block_dims"]
