@@ -8,6 +8,10 @@ update) per batch size.
     python benchmarks/train_throughput.py                      # sd15 shapes on CUDA, tiny on CPU
     python benchmarks/train_throughput.py --model sdxl --batches 1 2 4 --dtype bf16   # SDXL at 1024 px
     python benchmarks/train_throughput.py --model tiny-sdxl --batches 1 4 8 --steps 10
+    python benchmarks/train_throughput.py --compile inductor --fp8     # torch_compile, fp8_base
+
+The first step of each batch size is timed apart ("first step"): with --compile it compiles the
+UNet for that shape; the steady state is the --steps after it.
 """
 
 from __future__ import annotations
@@ -54,7 +58,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16" if cuda else "fp32")
+    parser.add_argument("--compile", metavar="BACKEND", default=None,
+                        help="torch.compile the UNet with this backend (training.torch_compile / dynamo_backend)")
+    parser.add_argument("--fp8", action="store_true", help="frozen UNet and text-encoder weights in fp8 (fp8_base)")
     args = parser.parse_args()
+    if args.fp8 and args.dtype == "fp32":
+        parser.error("--fp8 computes in the mixed-precision dtype: add --dtype bf16 (or fp16)")
     device = torch.device("cuda" if cuda else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
@@ -67,12 +76,23 @@ def main() -> None:
                        train_unet=True, train_text_encoder=True, extra_args={})
     network = create_network(spec, sd.text_encoders, unet, sd.family)
     for module in (unet, *sd.text_encoders):
-        module.to(device, dtype)
+        if args.fp8:
+            from loracli.run.fp8 import store_in_fp8
+
+            store_in_fp8(module, dtype)  # stored in fp8 before the move, as the run does
+            module.to(device)
+        else:
+            module.to(device, dtype)
     network.to(device)
+    if args.compile:
+        from loracli.run.compiled import compile_unet
+
+        compile_unet(unet, args.compile)
     conditioner = conditioner_for(sd, None, None)
     optimizer = torch.optim.AdamW(prepare_param_groups(network, 5e-5, 1e-4, 1e-4))
     print(f"device: {torch.cuda.get_device_name() if cuda else 'CPU'}; model: {args.model}; dtype: {args.dtype}; "
-          f"attention: SDPA; latents cached ({latent_side * 8} px)")
+          f"attention: SDPA; latents cached ({latent_side * 8} px); compile: {args.compile or 'off'}; "
+          f"fp8 base: {'on' if args.fp8 else 'off'}")
     for batch in args.batches:
         latents = torch.randn(batch, 4, latent_side, latent_side, device=device)
         captions = ["a photo of sks person, smiling, outdoors"] * batch
@@ -94,9 +114,11 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        step()  # warm-up (allocations, kernels)
+        first_started = time.perf_counter()
+        step()  # warm-up (allocations, kernels; with --compile, compiling for this shape)
         if cuda:
             torch.cuda.synchronize()
+        first = time.perf_counter() - first_started
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
@@ -106,7 +128,7 @@ def main() -> None:
         peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         print(f"batch {batch}: {batch * args.steps / elapsed:8.2f} images/s  {elapsed / args.steps * 1000:8.1f} ms/step"
-              f"  peak {'VRAM' if cuda else 'RSS'} {peak:.2f} GiB")
+              f"  first step {first:6.1f} s  peak {'VRAM' if cuda else 'RSS'} {peak:.2f} GiB")
 
 
 if __name__ == "__main__":

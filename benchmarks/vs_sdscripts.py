@@ -11,7 +11,8 @@ alternately (A B A B ...). A small sitecustomize hook, put on both runs' PYTHONP
 records the wall time, the RSS peak and (on CUDA) max_memory_allocated at every
 optimizer step, so both tools are timed by the same clock at the same point.
 
-Printed per tool: time to the first optimizer step (process start → first step),
+Printed per tool: time to the first optimizer step (process start → first step; with
+--torch-compile it includes compiling),
 steady-state images/s (the steps after --warmup-steps; min and median over the
 rounds), peak memory (RSS on CPU, max_memory_allocated on CUDA; max over rounds) and
 the ratio loracli / sd-scripts. On a shared machine the min/median spread shows the noise.
@@ -169,6 +170,9 @@ def write_config(path: Path, model: str, data: Path, out: Path, args: argparse.N
         seed = 42
         mixed_precision = "{args.mixed_precision}"
         gradient_checkpointing = {str(args.gradient_checkpointing).lower()}
+        torch_compile = {str(args.torch_compile is not None).lower()}
+        dynamo_backend = "{args.torch_compile or 'inductor'}"
+        fp8_base = {str(args.fp8_base).lower()}
 
         [output]
         output_dir = "{out}"
@@ -294,6 +298,10 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                         help="default: bf16 on CUDA, no on CPU")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--torch-compile", metavar="BACKEND", default=None,
+                        help="both tools compile the UNet with this dynamo backend (--torch_compile "
+                             "--dynamo_backend); the first-step column then holds the compile time")
+    parser.add_argument("--fp8-base", action="store_true", help="both tools store the frozen weights in fp8")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vs-sdscripts"))
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args()
@@ -304,6 +312,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if cuda else "no"
+    if args.fp8_base and args.mixed_precision == "no":
+        parser.error("--fp8-base computes in the mixed-precision dtype: add --mixed-precision bf16")
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
