@@ -64,6 +64,9 @@ def _transformer(prefix: str, depth: int, linear_projection: bool) -> Iterator[L
 
 def unet_layers(config: dict[str, Any]) -> list[Layer]:
     """Every Linear/Conv2d of a diffusers UNet2DConditionModel with this config that LoRA could wrap."""
+    kinds = {*config["down_block_types"], *config["up_block_types"]}
+    if not kinds <= {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}:
+        raise ValueError(f"blocks {sorted(kinds)} are not laid out here")  # the plan shows no table then
     channels = list(config["block_out_channels"])
     levels = len(channels)
     per_block = _per_level(config.get("layers_per_block", 2), levels, 2)
@@ -82,8 +85,12 @@ def unet_layers(config: dict[str, Any]) -> list[Layer]:
                 out += _transformer(f"down_blocks.{i}.attentions.{j}", depth[i], linear)
         if i < levels - 1:
             out.append(Layer(f"down_blocks.{i}.downsamplers.0.conv", "conv3x3", "Downsample2D"))
+    mid = config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
+    if mid not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
+        raise ValueError(f"mid block {mid} is not laid out here")
     out += _resnet("mid_block.resnets.0", channels[-1], channels[-1])
-    out += _transformer("mid_block.attentions.0", depth[-1], linear)
+    if mid == "UNetMidBlock2DCrossAttn":
+        out += _transformer("mid_block.attentions.0", depth[-1], linear)
     out += _resnet("mid_block.resnets.1", channels[-1], channels[-1])
     reversed_channels, reversed_layers = channels[::-1], per_block[::-1]
     reversed_depth = depth[::-1]
