@@ -53,7 +53,7 @@ def plan_with_scheduler(tmp_path, make_image, scheduler: dict | None, extra: str
     make_dataset(tmp_path, make_image)
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[model]\npretrained_model_name_or_path = "{model.as_posix()}"\n{extra}'
-                   f'[dataset]\ntrain_data_dir = "{(tmp_path / "data").as_posix()}"\nresolution = 128\n'
+                   f'[dataset]\ntrain_data_dir = "{(tmp_path / "data").as_posix()}"\nresolution = 128\nenable_bucket = true\nmin_bucket_reso = 64\n'
                    "[training]\nmax_train_epochs = 1\n")
     result = run_cli("plan", "--config", cfg, "--json")
     assert result.exit_code == 0, result.stderr
