@@ -54,10 +54,11 @@ def module_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:
 
 def measure_training_step(sd, network, optimizer, batch: int, latent_hw: tuple[int, int], captions: list[str],
                           train_text_encoder: bool, weight_dtype: torch.dtype = torch.float32,
-                          gradient_checkpointing: bool = False, steps: int = 2) -> int:
+                          gradient_checkpointing: bool = False, steps: int = 2, fp8_unet: bool = False) -> int:
     """Peak live bytes over `steps` training steps (text encoding, UNet forward with the network,
     loss, backward, optimizer step) with the weights, the network and the optimizer state counted.
-    The second step includes the optimizer state the first one created."""
+    The second step includes the optimizer state the first one created. fp8_unet: the UNet's
+    weights stored in fp8 (training.fp8_base_unet), as the run stores them."""
     import torch.nn.functional as F
 
     from loracli.run.step import encode_prompts
@@ -65,6 +66,10 @@ def measure_training_step(sd, network, optimizer, batch: int, latent_hw: tuple[i
     device = torch.device("cpu")
     for module in (sd.unet, *sd.text_encoders):
         module.to(device, dtype=weight_dtype)
+    if fp8_unet:
+        from loracli.run.fp8 import store_in_fp8
+
+        store_in_fp8(sd.unet, weight_dtype)
     if gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()
         sd.unet.train()

@@ -159,7 +159,7 @@ def test_bucketed_gradient_average_equals_the_per_tensor_one():
 # --- the VRAM estimate against the live bytes of real steps ---------------------------------------------
 
 def _tracked_vs_estimated(model: str, batch: int, latent: int, train_te: bool, dtype, checkpointing: bool,
-                          algo: str = "lora", conv_dim: int | None = None):
+                          algo: str = "lora", conv_dim: int | None = None, fp8: bool = False):
     from loracli import vram
     from loracli.run.models import load_sd_components, resolve_model_dir
     from loracli.run.network import NetworkSpec, create_network, prepare_param_groups
@@ -174,13 +174,13 @@ def _tracked_vs_estimated(model: str, batch: int, latent: int, train_te: bool, d
     network = create_network(spec, sd.text_encoders, sd.unet, sd.family)
     optimizer, _ = build_optimizer("AdamW", prepare_param_groups(network, 1e-4, 1e-4, 1e-4), 1e-4, {})
     peak = measure_training_step(sd, network, optimizer, batch, (latent, latent), ["a photo of a cat"], train_te,
-                                 dtype, checkpointing)
+                                 dtype, checkpointing, fp8_unet=fp8)
     counts = vram.counts_from_folder(resolve_model_dir(model))
     est = vram.estimate(counts, batch_size=batch, bucket=(latent * 8, latent * 8),
                         mixed_precision="no" if dtype == torch.float32 else "bf16",
                         gradient_checkpointing=checkpointing, cache_latents=True, cache_text_encoder_outputs=False,
                         train_unet=True, train_text_encoder=train_te, algo=algo, dim=8, conv_dim=conv_dim,
-                        optimizer_type="AdamW")
+                        optimizer_type="AdamW", fp8_base=fp8)
     assert est.parts["network"] == pytest.approx(4 * sum(p.numel() for p in network.parameters()), rel=0.1)
     return sum(est.parts.values()), peak
 
@@ -202,6 +202,7 @@ def sd15_topology(tmp_path_factory):
                  marks=pytest.mark.slow),
     pytest.param(("topology", 2, 24, True, torch.bfloat16, False), id="sd15-topology-bf16", marks=pytest.mark.slow),
     pytest.param(("topology", 2, 32, True, torch.float32, False), id="sd15-topology-32", marks=pytest.mark.slow),
+    pytest.param(("tiny:sd15", 2, 16, True, torch.bfloat16, False, "lora", None, True), id="tiny-bf16-fp8"),
 ])
 def test_vram_estimate_is_within_15_percent_of_the_tracked_peak(case, sd15_topology):
     model, batch, latent, train_te, dtype, checkpointing, *network = case
