@@ -323,7 +323,9 @@ def _sd_scripts_defaults(result: ImportResult) -> None:
         result.values.setdefault("training", {})["max_train_steps"] = SD_SCRIPTS_DEFAULT_STEPS
         result.note(f"no max_train_epochs or max_train_steps: sd-scripts' default of {SD_SCRIPTS_DEFAULT_STEPS} "
                     "steps is written out")
-    if not result.has("dataset.resolution"):
+    datasets = result.values.get("datasets") or []
+    every_dataset_sized = bool(datasets) and all(isinstance(d, dict) and "resolution" in d for d in datasets)
+    if not result.has("dataset.resolution") and not every_dataset_sized:
         result.note("no resolution: sd-scripts requires one; loracli's default 512 applies")
     relative = [d for d in PATH_KEYS if isinstance(result.get(d), str) and not _absolute(result.get(d))]
     if relative:

@@ -194,6 +194,7 @@ def test_export_import_round_trip(folders):
     result = run_cli("import", out / "config.toml", "--dataset-config", out / "dataset.toml", "-o", back)
     assert result.exit_code == 0, result.stderr
     assert "not imported: dataset.toml" not in result.stdout + result.stderr
+    assert "no resolution" not in result.stdout + result.stderr  # the dataset sets its own
     imported = tomllib.loads(back.read_text())
     original = tomllib.loads(THREE_SUBSETS)
     for sub in original["datasets"][0]["subsets"]:
@@ -226,6 +227,7 @@ metadata_file = "m.json"
     text = result.stdout + result.stderr
     assert "datasets[0].network_multiplier: per-dataset network multipliers" in text
     assert "datasets[0].subsets[1]: fine-tuning" in text
+    assert "no resolution: sd-scripts requires one" in text  # neither [general] nor the dataset has one
     import tomllib
 
     imported = tomllib.loads(back.read_text())
