@@ -12,7 +12,8 @@ from typing import Any, Callable
 import torch
 
 
-def network_dtype(full_fp16: bool, full_bf16: bool, mixed_precision: str, log: Callable[[str], None]) -> torch.dtype | None:
+def network_dtype(full_fp16: bool, full_bf16: bool, mixed_precision: str,
+                  log: Callable[[str], None]) -> torch.dtype | None:
     """The dtype the network trains in (None: as built, fp32). `mixed_precision` is the effective one:
     fp16 asked on a CPU ran as "no", and full_fp16 then falls back to fp32 with it (one warning)."""
     if full_fp16:

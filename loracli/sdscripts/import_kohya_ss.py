@@ -67,6 +67,7 @@ POSITIVE = ("seed", "clip_skip", "keep_tokens", "gradient_accumulation_steps", "
             "max_train_epochs", "token_warmup_step", "sample_every_n_steps", "sample_every_n_epochs",
             "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "stop_text_encoder_training",
             "lr_scheduler_num_cycles")
+COMPILE_REASON = "accelerate's launch-time compile tuning; loracli takes training.torch_compile / dynamo_backend"
 # GUI-only keys: the launcher, the GUI itself, SDXL-script switches.
 GUI_ONLY: dict[str, str] = {
     "num_cpu_threads_per_process": "accelerate's CPU threads per process; loracli runs accelerate itself",
@@ -75,10 +76,9 @@ GUI_ONLY: dict[str, str] = {
     "gpu_ids": "choose GPUs with CUDA_VISIBLE_DEVICES",
     "main_process_port": "loracli runs accelerate itself",
     "extra_accelerate_launch_args": "loracli runs accelerate itself",
-    "dynamo_backend": "accelerate's launch-time compile settings; set training.torch_compile and training.dynamo_backend",
-    "dynamo_mode": "accelerate's launch-time compile settings; set training.torch_compile and training.dynamo_backend",
-    "dynamo_use_fullgraph": "accelerate's launch-time compile settings; set training.torch_compile and training.dynamo_backend",
-    "dynamo_use_dynamic": "accelerate's launch-time compile settings; set training.torch_compile and training.dynamo_backend",
+    "dynamo_mode": COMPILE_REASON,
+    "dynamo_use_fullgraph": COMPILE_REASON,
+    "dynamo_use_dynamic": COMPILE_REASON,
     "model_list": "a GUI menu (the model is pretrained_model_name_or_path)",
     "save_as": "a GUI setting",
     "print_only": "a GUI setting",
@@ -319,6 +319,13 @@ def _misc(data: dict[str, Any], take: Any, result: ImportResult, args: _Args) ->
             else:
                 args.put(key, int(value), key)
     _pass_if_set(data, take, result, args, "lora_network_weights", "network_weights")
+    if "dynamo_backend" in data:
+        backend = str(take("dynamo_backend") or "no").lower()
+        if backend == "no":
+            result.unset("dynamo_backend")
+        else:  # the GUI hands it to accelerate launch, which compiles the UNet: sd-scripts' --torch_compile
+            args.put("torch_compile", True, "dynamo_backend")
+            args.put("dynamo_backend", backend, "dynamo_backend")
 
 
 def _network(data: dict[str, Any], take: Any, result: ImportResult, args: _Args) -> None:

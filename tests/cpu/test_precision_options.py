@@ -13,7 +13,6 @@ import torch
 from safetensors import safe_open
 
 from loracli.config.loader import resolve_config
-from loracli.errors import TrainingError
 from loracli.plan import build_plan
 from loracli.run.fp8 import FP8, compute_dtype, store_in_fp8
 from loracli.run.precision import allow_fp16_unscale, network_dtype
@@ -31,8 +30,10 @@ def make_run(tmp_path: Path, make_image, training: str, *, images: int = 4, extr
         (tmp_path / "data" / "2_a" / f"{i}.txt").write_text("a red square")
     cfg = tmp_path / "c.toml"
     cfg.write_text('[model]\npretrained_model_name_or_path = "tiny:sd15"\n[dataset]\ntrain_data_dir = "data"\n'
-                   f'resolution = 64\ncache_latents = true\n[training]\nmax_train_steps = 3\nseed = 1\n{training}\n'
-                   f'[optimizer]\nlearning_rate = 1e-3\n{optimizer}\n[output]\noutput_dir = "{tmp_path / "runs"}"\n{extra}')
+                   'resolution = 64\ncache_latents = true\n[training]\nmax_train_steps = 3\nseed = 1\n'
+                   f'{training}\n'
+                   f'[optimizer]\nlearning_rate = 1e-3\n{optimizer}\n'
+                   f'[output]\noutput_dir = "{tmp_path / "runs"}"\n{extra}')
     resolved = resolve_config(cfg)
     plan = build_plan(resolved)
     run_dir = create_run_dir(resolved.config)

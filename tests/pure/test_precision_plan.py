@@ -144,3 +144,17 @@ def test_export_writes_sd_scripts_flags_and_import_reads_them_back(tmp_path, set
 
 def test_import_no_longer_refuses_them():
     assert not {"full_fp16", "fp8_base", "torch_compile", "dynamo_backend"} & set(REASONS)
+
+
+def test_the_kohya_ss_gui_dynamo_backend_turns_torch_compile_on(tmp_path):
+    """The GUI passes dynamo_backend to accelerate launch, which compiles the UNet sd-scripts prepares:
+    the same as --torch_compile --dynamo_backend; "no" (the GUI's default) leaves it off."""
+    import json
+
+    data = json.loads((ROOT / "tests" / "data" / "sdscripts" / "import" / "kohya_ss_lora.json").read_text())
+    for backend, expected in (("inductor", {"torch_compile": True, "dynamo_backend": "inductor"}), ("no", {})):
+        (tmp_path / "gui.json").write_text(json.dumps({**data, "dynamo_backend": backend, "dynamo_mode": "default"}))
+        result = import_file(tmp_path / "gui.json")
+        training = result.values["training"]
+        assert {k: training[k] for k in ("torch_compile", "dynamo_backend") if k in training} == expected
+        assert "dynamo_mode" in result.unsupported  # accelerate-only tuning
