@@ -305,18 +305,23 @@ def scan_dataset(train_data_dir: Path, reg_data_dir: Path | None, caption_extens
     num_reg = sum(s.repeats * len(s.images) for s in reg)
     reg = balance_reg(reg, num_train, out)
 
-    if out.mixed_case:
-        examples = ", ".join(p.name for p in out.mixed_case[:3])
-        out.notes.append(f"{len(out.mixed_case)} image(s) with a mixed-case extension ({examples}) are used; "
-                         "sd-scripts on Linux would skip them")
-    for ext, count in out.other_caption_ext.items():
-        out.warnings.append(f"{count} image(s) have no {caption_extension} caption but a {ext} file; "
-                            f"set dataset.caption_extension = \"{ext}\" to use them")
+    _report_extensions(out, lambda ext, count: f"{count} image(s) have no {caption_extension} caption but a "
+                       f"{ext} file; set dataset.caption_extension = \"{ext}\" to use them")
     return DatasetScan(
         subsets=tuple(train + reg), skipped=tuple(out.skipped), notes=tuple(out.notes),
         warnings=tuple(out.warnings), num_train_images=num_train, num_reg_images=num_reg,
         tag_frequency=_tag_frequency(train + reg),
     )
+
+
+def _report_extensions(out: _Collector, other_caption_warning: Callable[[str, int], str]) -> None:
+    """Notes on mixed-case image extensions and warnings on captions found under another extension."""
+    if out.mixed_case:
+        examples = ", ".join(p.name for p in out.mixed_case[:3])
+        out.notes.append(f"{len(out.mixed_case)} image(s) with a mixed-case extension ({examples}) are used; "
+                         "sd-scripts on Linux would skip them")
+    for ext, count in out.other_caption_ext.items():
+        out.warnings.append(other_caption_warning(ext, count))
 
 
 @dataclass(frozen=True)
@@ -382,13 +387,9 @@ def scan_dataset_config(datasets: list[list[SubsetSource]],
         if not train:
             out.warnings.append(f"datasets[{d_index}] has no training images: it adds no batches")
         reg = balance_reg(reg, num_train, out)
-        if out.mixed_case:
-            examples = ", ".join(p.name for p in out.mixed_case[:3])
-            out.notes.append(f"{len(out.mixed_case)} image(s) with a mixed-case extension ({examples}) are used; "
-                             "sd-scripts on Linux would skip them")
-        for ext, count in out.other_caption_ext.items():
-            out.warnings.append(f"{count} image(s) have no caption file of their subset's caption_extension but "
-                                f"a {ext} file; set caption_extension = \"{ext}\" in that subset to use them")
+        _report_extensions(out, lambda ext, count: f"{count} image(s) have no caption file of their subset's "
+                           f"caption_extension but a {ext} file; set caption_extension = \"{ext}\" in that subset "
+                           "to use them")
         # subsets keep the config's order (training and reg interleaved as written)
         ordered = sorted(train + reg, key=lambda s: s.index if s.index is not None else -1)
         results.append(DatasetScan(
