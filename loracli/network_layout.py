@@ -141,7 +141,7 @@ def planned_modules(network: Any, family: ModelFamily, unet_config: dict[str, An
     """The modules the run will create for this [network] section on a model with these configs."""
     out: list[PlannedModule] = []
     lora = network.algo == "lora"
-    table = targets_for(network.algo, network.lycoris_preset)
+    table = targets_for(network.algo, network.lycoris_preset, family)
     if not network.network_train_unet_only:
         for prefix, depth in zip(family.text_encoder_prefixes, text_depths):
             for layer in text_layers(depth):

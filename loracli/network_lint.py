@@ -60,7 +60,7 @@ def network_findings(config: LoracliConfig, family: ModelFamily) -> list[Finding
                            'use network.algo = "locon" (LoRA on the same layers, via LyCORIS), or '
                            'lycoris_preset = "full"', LYCORIS))
     # E56: a preset without 3x3 convs ignores conv_dim/conv_alpha (LyCORIS sets conv_dim to 0).
-    if net.algo != "lora" and not targets_for(net.algo, net.lycoris_preset)["enable_conv"]:
+    if net.algo != "lora" and not targets_for(net.algo, net.lycoris_preset, family)["enable_conv"]:
         for key in ("conv_dim", "conv_alpha"):
             if getattr(net, key) is not None:
                 out.append(Finding("error", "E56", f"network.{key}",

@@ -121,7 +121,8 @@ def create_network(spec: NetworkSpec, text_encoders, unet, family: ModelFamily =
     alpha = spec.alpha or float(spec.dim)
     conv_dim = spec.conv_dim or spec.dim
     conv_alpha = spec.conv_alpha if spec.conv_alpha is not None else alpha
-    PRESET["loracli"] = targets_for(spec.algo, spec.preset)  # class-level state in lycoris: set before every create
+    # class-level state in lycoris: set before every create; the table is the family's (lycoris_targets)
+    PRESET["loracli"] = targets_for(spec.algo, spec.preset, family)
     kwargs = dict(
         algo=spec.algo, preset="loracli", conv_dim=conv_dim, conv_alpha=conv_alpha,
         dropout=spec.dropout or 0.0, rank_dropout=spec.rank_dropout, module_dropout=spec.module_dropout,

@@ -27,7 +27,7 @@ from loracli.config.schema import SECTIONS, LoracliConfig
 from loracli.dataset.images import extension
 from loracli.dataset.scan import parse_folder_name
 from loracli.errors import ConfigError, Problem
-from loracli.family import FAMILIES, SDXL, ModelFamily
+from loracli.family import FAMILIES, SD1, SDXL, ModelFamily
 from loracli.network_blocks import extra_network_args
 from loracli.plan import Plan
 from loracli.rundir import atomic_write_text
@@ -145,8 +145,10 @@ def _network(config: LoracliConfig, exp: Export, args: dict[str, Any]) -> None:
     items: list[str] = []
     if module == "lycoris.kohya":
         # LyCORIS' own preset=full also wraps conv_in/conv_out/time_embedding and fails on SD UNets
-        # ("duplicated lora name"); the file names loracli's targets (write_export makes the path absolute).
-        exp.lycoris_preset = targets_for(net.algo, net.lycoris_preset)
+        # ("duplicated lora name"); the file names loracli's targets (write_export makes the path absolute), those
+        # of the UNet the script builds (sdxl_train_network.py: sdxl_original_unet.py; else original_unet.py).
+        family = SDXL if exp.script == script_for(SDXL.name) else SD1
+        exp.lycoris_preset = targets_for(net.algo, net.lycoris_preset, family)
         items += [f"algo={net.algo}", f"preset={PRESET_FILE}"]
         if net.algo == "lora":  # loracli wraps no 3x3 convs for lora, whatever the module
             _report_changed(net, ("conv_dim", "conv_alpha"), exp)
@@ -167,8 +169,8 @@ def _network(config: LoracliConfig, exp: Export, args: dict[str, Any]) -> None:
                              "SD UNets")
         else:
             exp.notes.append(f"network.lycoris_preset: {net.lycoris_preset!r} is written as {PRESET_FILE} (LyCORIS' "
-                             "preset of that name as loracli applies it, naming the layers of both diffusers' and "
-                             "sd-scripts' UNets)")
+                             "preset of that name as sd-scripts' " + ("SDXL " if family is SDXL else "")
+                             + "UNet takes it, naming the layers of both diffusers' and sd-scripts' UNets)")
         exp.notes.append("LyCORIS networks need `pip install lycoris_lora` in the sd-scripts environment")
     elif net.conv_dim is not None:  # networks.lora with conv_dim: kohya's LoRA-C3Lier, as loracli trains it
         items += [f"conv_dim={net.conv_dim}", f"conv_alpha={_number(net.conv_alpha if net.conv_alpha is not None else 1)}"]

@@ -98,7 +98,7 @@ def import_args(args: dict[str, Any], result: ImportResult, *, prefix: str = "",
     name_of.update({k: v for k, v in labels.items() if k.startswith("network_args.")})
     rest = dict(args)
 
-    _import_network(rest, result, name_of, base_dir)
+    _import_network(rest, result, name_of, base_dir, sdxl)
     _import_optimizer(rest, result, name_of)
 
     for name, value in rest.items():
@@ -226,7 +226,7 @@ def _network_items(value: Any) -> list[str]:
 
 
 def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[str, str],
-                    base_dir: Path | None = None) -> None:
+                    base_dir: Path | None = None, sdxl: bool = False) -> None:
     module = args.pop("network_module", None)
     raw_items = args.pop("network_args", None)
     mod_label = name_of.get("network_module", "network_module")
@@ -301,7 +301,7 @@ def _import_network(args: dict[str, Any], result: ImportResult, name_of: dict[st
         if preset in PRESETS:
             result.set("network.lycoris_preset", preset, label)
         elif preset.lower().endswith(".toml"):
-            _import_preset_file(preset, algo, base_dir, result, label)
+            _import_preset_file(preset, algo, base_dir, result, label, sdxl)
         else:
             result.skip(label, f"LyCORIS preset {preset!r} is not supported: loracli has {', '.join(PRESETS)}")
     for key, text in items.items():
@@ -330,8 +330,10 @@ def _set_network_item(result: ImportResult, key: str, text: str, label: str) -> 
     result.set(f"network.{key}", value, label)
 
 
-def _import_preset_file(preset: str, algo: str, base_dir: Path | None, result: ImportResult, label: str) -> None:
-    """A LyCORIS preset file (what `loracli export` writes): loracli's 'full' when it names loracli's targets."""
+def _import_preset_file(preset: str, algo: str, base_dir: Path | None, result: ImportResult, label: str,
+                        sdxl: bool = False) -> None:
+    """A LyCORIS preset file (what `loracli export` writes): the loracli lycoris_preset whose targets it names, on
+    the UNet of the script (SD1/SD2 and SDXL tables differ: lycoris_targets)."""
     candidates = [Path(preset)] + ([base_dir / preset] if base_dir and not Path(preset).is_absolute() else [])
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
@@ -342,13 +344,14 @@ def _import_preset_file(preset: str, algo: str, base_dir: Path | None, result: I
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         result.skip(label, f"the LyCORIS preset file {found} cannot be read ({exc})")
         return
-    name = preset_named(data, algo)
+    name = preset_named(data, algo, "sdxl" if sdxl else "sd1")
     if name is not None:
         result.set("network.lycoris_preset", name, label)
         result.note(f"{label}: {found.name} names loracli's targets for {algo} (lycoris_preset = \"{name}\")")
     else:
         result.skip(label, f"the LyCORIS preset file {found} selects other layers than loracli's 'full' targets "
-                           "(transformer, ResNet and up/down-sampler blocks; CLIP attention and MLP)")
+                           "(transformer, ResNet and up/down-sampler blocks; CLIP attention and MLP) and its "
+                           f"other lycoris_preset tables for {'SDXL' if sdxl else 'SD1/SD2'}")
 
 
 def _keys(raw_items: Any) -> set[str]:

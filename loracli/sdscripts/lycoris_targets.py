@@ -6,7 +6,9 @@ lora_unet_time_embedding_linear_1"). loracli names kohya's targets instead, and
 an export writes the same table as a LyCORIS preset file (`preset=<file>`), so
 sd-scripts trains the modules loracli's plan counts. The class names match both
 diffusers' UNet and sd-scripts' own UNets (library/original_unet.py,
-sdxl_original_unet.py), and transformers' CLIP text encoders.
+sdxl_original_unet.py), and transformers' CLIP text encoders. The other presets'
+tables depend on the family: sd-scripts' SDXL UNet has no layer that LyCORIS'
+presets select by the time embedding's class or the root layers' names.
 
 The run side (loracli/run/network.py) applies these same tables to lycoris_lora.
 """
@@ -14,6 +16,8 @@ The run side (loracli/run/network.py) applies these same tables to lycoris_lora.
 from __future__ import annotations
 
 from typing import Any
+
+from loracli.family import ModelFamily
 
 PRESET_FILE = "lycoris_preset.toml"
 # CLIP attention comes in three classes depending on the attention implementation transformers picks.
@@ -43,56 +47,72 @@ def _table(enable_conv: bool, unet_modules: list[str], unet_names: list[str], te
             "unet_target_name": unet_names, "text_encoder_target_module": text_modules}
 
 
-# Root layers by both names: diffusers' (loracli's run) and sd-scripts' SDXL UNet's (sdxl_original_unet.py; its
-# SD1 UNet uses diffusers' names). LyCORIS matches a target name as a regex at the start of a module path.
-# diffusers' SDXL add_embedding is a TimestepEmbedding too, so LyCORIS' full-lin picks it; sd-scripts: label_emb.0.
-TIME_EMBEDDING_NAMES = ["time_embedding.linear_1", "time_embedding.linear_2", "add_embedding.linear_1",
-                        "add_embedding.linear_2", "time_embed.0", "time_embed.2", "label_emb.0.0", "label_emb.0.2"]
-CONV_IN_OUT_NAMES = ["conv_in", "conv_out", "input_blocks.0.0", "out.2"]
-# kohya's (SAI) names of those root layers, for SDXL files (keymap.diffusers_to_sai leaves them as they are).
+# kohya's (SAI) names of the root layers, for SDXL files (keymap.diffusers_to_sai leaves them as they are).
 SAI_ROOT_NAMES = {"conv_in": "input_blocks.0.0", "conv_out": "out.2",
                   "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                   "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
-# LyCORIS' presets of the same names (lycoris/config.py), as they select on SD UNets and CLIP, without its traps:
-# - full-lin lists the class TimestepEmbedding and the names time_embedding.linear_1/2, which select the same
-#   layers twice ("duplicated lora name"): here the names only (with SDXL's add_embedding, the class's other match);
+# The families sd-scripts trains on library/sdxl_original_unet.py. SD1/SD2 run on library/original_unet.py, which
+# has diffusers' root layers: conv_in, conv_out and a TimestepEmbedding class `time_embedding` (linear_1/2). The
+# SDXL UNet has none of them by class or name: its time embedding (`time_embed`) and label (add) embedding
+# (`label_emb.0`) are nn.Sequential, and conv_in/conv_out are input_blocks.0.0 / out.2.
+SDXL_ORIGINAL_UNET = frozenset({"sdxl"})
+TIME_EMBEDDING_NAMES = ["time_embedding.linear_1", "time_embedding.linear_2"]
+CONV_IN_OUT_NAMES = ["conv_in", "conv_out"]
+
+# LyCORIS' presets of the same names (lycoris/config.py), as they select on sd-scripts' UNets and CLIP, without its
+# traps:
 # - attn-only names sd-scripts' attention classes (CrossAttention), which diffusers calls Attention: both here,
-#   so loracli (diffusers) and sd-scripts wrap the same q/k/v/out layers.
-# - full-lin, attn-mlp and unet-transformer-only list TimestepEmbedding (for Anima), which on SD UNets is the time
-#   embedding (SDXL: also add_embedding): kept, by name, so that sd-scripts' SDXL UNet (an nn.Sequential there,
-#   never matched by class) trains the same layers.
+#   so loracli (diffusers) and sd-scripts wrap the same q/k/v/out layers;
+# - full-lin, attn-mlp and unet-transformer-only list the class TimestepEmbedding (for Anima). On SD1/SD2
+#   (original_unet.py) that is the time embedding: kept, by name. full-lin also names time_embedding.linear_1/2,
+#   which select the same layers a second time ("duplicated lora name"): here the names only, once.
+# - On SDXL no preset selects the time embedding, the add embedding, conv_in or conv_out: LyCORIS' class
+#   TimestepEmbedding and names time_embedding.linear_1/2, conv_in, conv_out match nothing on
+#   sdxl_original_unet.py, so sd-scripts does not train them (diffusers' SDXL UNet, which loracli runs, would
+#   match them: not named here).
 # enable_conv = False: no 3x3 convs (1x1 convs still take network_dim, as in LyCORIS).
-PRESET_TABLES: dict[str, dict[str, Any]] = {
-    "full-lin": _table(False, ["Transformer2DModel", "ResnetBlock2D"], TIME_EMBEDDING_NAMES, TEXT_TARGETS),
-    "attn-mlp": _table(False, ["Transformer2DModel"], TIME_EMBEDDING_NAMES, TEXT_TARGETS),
-    "attn-only": _table(False, ["Attention", "CrossAttention"], [],
-                        ["CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2"]),
-    "unet-transformer-only": _table(False, ["Transformer2DModel"], TIME_EMBEDDING_NAMES, []),
-    "unet-convblock-only": _table(True, ["ResnetBlock2D", "Downsample2D", "Upsample2D"], CONV_IN_OUT_NAMES, []),
-}
+
+
+def _tables(sdxl: bool) -> dict[str, dict[str, Any]]:
+    time = [] if sdxl else TIME_EMBEDDING_NAMES
+    return {
+        "full-lin": _table(False, ["Transformer2DModel", "ResnetBlock2D"], time, TEXT_TARGETS),
+        "attn-mlp": _table(False, ["Transformer2DModel"], time, TEXT_TARGETS),
+        "attn-only": _table(False, ["Attention", "CrossAttention"], [],
+                            ["CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2"]),
+        "unet-transformer-only": _table(False, ["Transformer2DModel"], time, []),
+        "unet-convblock-only": _table(True, ["ResnetBlock2D", "Downsample2D", "Upsample2D"],
+                                      [] if sdxl else CONV_IN_OUT_NAMES, []),
+    }
+
+
+PRESET_TABLES: dict[str, dict[str, Any]] = _tables(sdxl=False)  # SD1/SD2
+SDXL_PRESET_TABLES: dict[str, dict[str, Any]] = _tables(sdxl=True)
 PRESETS = ("full", *PRESET_TABLES)
 
 
-def targets_for(algo: str, preset: str = "full") -> dict[str, Any]:
-    """The target table of a loracli `lycoris_preset` for an algorithm ('full': kohya's targets)."""
+def targets_for(algo: str, preset: str = "full", family: ModelFamily | str = "sd1") -> dict[str, Any]:
+    """The target table of a loracli `lycoris_preset` for an algorithm on a model family (a ModelFamily or its
+    name; 'full': kohya's targets, the same for every family)."""
     if preset != "full":
-        return PRESET_TABLES[preset]
+        sdxl = getattr(family, "name", family) in SDXL_ORIGINAL_UNET
+        return (SDXL_PRESET_TABLES if sdxl else PRESET_TABLES)[preset]
     return LORA_TARGETS if algo == "lora" else CONV_TARGETS
 
 
-def preset_named(preset: dict[str, Any], algo: str) -> str | None:
-    """The loracli lycoris_preset whose table a preset file (as parsed) is, or None."""
+def preset_named(preset: dict[str, Any], algo: str, family: ModelFamily | str = "sd1") -> str | None:
+    """The loracli lycoris_preset whose table for this family a preset file (as parsed) is, or None."""
     for name in PRESETS:
-        if same_targets(preset, algo, name):
+        if same_targets(preset, algo, name, family):
             return name
     return None
 
 
-def same_targets(preset: dict[str, Any], algo: str, name: str = "full") -> bool:
-    """Whether a preset file (as parsed) selects exactly loracli's targets of preset `name` for `algo` (keys it
-    leaves out keep LyCORIS' empty defaults)."""
-    table = targets_for(algo, name)
+def same_targets(preset: dict[str, Any], algo: str, name: str = "full", family: ModelFamily | str = "sd1") -> bool:
+    """Whether a preset file (as parsed) selects exactly loracli's targets of preset `name` for `algo` on this
+    family (keys it leaves out keep LyCORIS' empty defaults)."""
+    table = targets_for(algo, name, family)
     empty: dict[str, Any] = {"module_algo_map": {}, "name_algo_map": {}, "exclude_name": [], "use_fnmatch": False,
                              "unet_target_name": [], "text_encoder_target_name": []}
     if set(preset) - set(table):

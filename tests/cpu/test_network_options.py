@@ -199,15 +199,31 @@ def test_dora_decomposes_saves_dora_scale_and_loads_back(models, tmp_path):
 
 # --- LyCORIS' presets, transcribed -------------------------------------------------------------------------
 
-def lycoris_preset_names(preset: dict, root: nn.Module, prefix: str, unet: bool) -> set[str]:
+# sd-scripts' UNets, transcribed. SD1/SD2 (library/original_unet.py) have diffusers' root layers: conv_in,
+# conv_out, and `time_embedding`, a class TimestepEmbedding with linear_1/linear_2. SDXL
+# (library/sdxl_original_unet.py) does not: conv_in is input_blocks.0.0 and conv_out out.2; the time embedding
+# `time_embed` and the label (add) embedding `label_emb` are nn.Sequential(Linear, SiLU, Linear) (label_emb one
+# level deeper: label_emb.0.0/0.2). Its paths and classes, where they differ from diffusers' root layers:
+SDXL_ORIGINAL_PATHS = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding": "time_embed",
+                       "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                       "add_embedding": "label_emb.0", "add_embedding.linear_1": "label_emb.0.0",
+                       "add_embedding.linear_2": "label_emb.0.2"}
+SDXL_ORIGINAL_CLASSES = {"time_embedding": "Sequential", "add_embedding": "Sequential"}
+
+
+def lycoris_preset_names(preset: dict, root: nn.Module, prefix: str, unet: bool, sdxl: bool = False) -> set[str]:
     """LycorisNetworkKohya.create_modules with a preset: every Linear/Conv2d inside a target class, and every
     module whose path a target name matches (re.match); 3x3 convs only with enable_conv. Its traps for SD
     models, undone: attn-only names the CompVis/sd-scripts classes (diffusers: Attention), and full-lin selects
-    the time embedding by class and by name (a set here: once)."""
+    the time embedding by class and by name (a set here: once). With `sdxl`, classes and names are matched as
+    sd-scripts' SDXL UNet has them (above), the module named as in diffusers' UNet (loracli's run)."""
     classes = set(preset["unet_target_module" if unet else "text_encoder_target_module"])
     if classes & {"CrossAttention", "SelfAttention"}:
         classes |= {"Attention"}
     names = preset["unet_target_name" if unet else "text_encoder_target_name"]
+    if sdxl and unet:
+        # the blocks' paths differ there too (input_blocks.4.1...), but LyCORIS' SD names are root layers only
+        assert set(names) <= set(SDXL_ORIGINAL_PATHS), names
 
     def wraps(module: nn.Module) -> bool:
         if isinstance(module, nn.Linear):
@@ -216,10 +232,13 @@ def lycoris_preset_names(preset: dict, root: nn.Module, prefix: str, unet: bool)
 
     out = set()
     for path, module in root.named_modules():
-        if type(module).__name__ in classes:
+        cls, match_path = type(module).__name__, path
+        if sdxl and unet:
+            cls, match_path = SDXL_ORIGINAL_CLASSES.get(path, cls), SDXL_ORIGINAL_PATHS.get(path, path)
+        if cls in classes:
             out |= {f"{prefix}_{path}.{child}".replace(".", "_").rstrip("_")
                     for child, sub in module.named_modules() if wraps(sub)}
-        elif any(re.match(t, path) for t in names) and wraps(module):
+        elif any(re.match(t, match_path) for t in names) and wraps(module):
             out.add(f"{prefix}_{path}".replace(".", "_"))
     return out
 
@@ -230,15 +249,34 @@ def lycoris_preset_names(preset: dict, root: nn.Module, prefix: str, unet: bool)
 def test_presets_pick_what_lycoris_presets_pick(models, name, preset):
     from lycoris.config import PRESET
 
+    """What sd-scripts + LyCORIS trains: on SD1/SD2 LyCORIS' pick on the diffusers UNet (original_unet.py has the
+    same classes and root names); on SDXL its pick on sdxl_original_unet.py, where the class TimestepEmbedding
+    and the names time_embedding.linear_1/2, conv_in, conv_out match nothing: no time or add embedding, no
+    conv_in/conv_out, although LyCORIS would pick them on diffusers' SDXL UNet."""
     sd, family = models[name], MODELS[name]
     definition = PRESET[preset]
-    expected = lycoris_preset_names(definition, sd.unet, "lora_unet", True)
+    sdxl = family is SDXL
+    unet = lycoris_preset_names(definition, sd.unet, "lora_unet", True, sdxl)
+    expected = set(unet)
     prefixes = ["lora_te"] if len(sd.text_encoders) == 1 else ["lora_te1", "lora_te2"]
     for prefix, te in zip(prefixes, sd.text_encoders):
         expected |= lycoris_preset_names(definition, te, prefix, False)
     with built(sd, family, algo="loha", network_module="lycoris.kohya", lycoris_preset=preset) as net:
         got = {lora.lora_name for lora in _loras(net)}
     assert got == expected and got
+    on_diffusers = lycoris_preset_names(definition, sd.unet, "lora_unet", True)
+    roots = {f"lora_unet_{p}".replace(".", "_") for p in SDXL_ORIGINAL_PATHS}
+    if preset in ("full-lin", "attn-mlp", "unet-transformer-only"):  # TimestepEmbedding: the time embedding
+        time = {"lora_unet_time_embedding_linear_1", "lora_unet_time_embedding_linear_2"}
+        add = {"lora_unet_add_embedding_linear_1", "lora_unet_add_embedding_linear_2"}
+        assert time <= on_diffusers and (add <= on_diffusers) is sdxl  # what LyCORIS would pick on diffusers' UNet
+        assert (time <= got) is not sdxl and not add & got  # what sd-scripts trains
+    if preset == "unet-convblock-only":
+        assert ({"lora_unet_conv_in", "lora_unet_conv_out"} <= got) is not sdxl
+    if sdxl:
+        assert not roots & got and unet == on_diffusers - roots
+    else:
+        assert unet == on_diffusers
 
 
 # --- the plan's table against the run ------------------------------------------------------------------------

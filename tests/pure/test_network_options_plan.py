@@ -237,7 +237,8 @@ def test_every_preset_and_network_option_exports_and_imports_back(preset, varian
                             f"network.conv_block_dims={[2] * 23}", "network.mid_lr_weight=[0.5, 1, 0]"]
     original = resolve_config(EXAMPLE, [preset], sets)
     net = original.config.network
-    if not targets_for(net.algo, net.lycoris_preset)["enable_conv"] and net.conv_dim is not None:
+    family = SDXL if preset.startswith("sdxl") else SD1
+    if not targets_for(net.algo, net.lycoris_preset, family)["enable_conv"] and net.conv_dim is not None:
         with pytest.raises(ConfigError, match="E56"):  # the shipped locon preset's conv_dim would do nothing
             build_plan(original)
         return
@@ -261,7 +262,7 @@ def test_every_preset_and_network_option_exports_and_imports_back(preset, varian
     written = write_export(tmp_path / "export", exp)
     if net.algo != "lora":
         table = tomllib.loads((tmp_path / "export" / PRESET_FILE).read_text())
-        assert table == targets_for(net.algo, net.lycoris_preset)
+        assert table == targets_for(net.algo, net.lycoris_preset, family)
     else:
         assert PRESET_FILE not in {p.name for p in written}
 
@@ -272,6 +273,67 @@ def test_every_preset_and_network_option_exports_and_imports_back(preset, varian
     back = resolve_config(imported)
     assert back.config.network == original.config.network
     assert back.config.model_dump() == original.config.model_dump()
+
+
+# sd-scripts' UNets, transcribed: SD1/SD2 train on library/original_unet.py, whose time embedding is a class
+# TimestepEmbedding `time_embedding` (linear_1, linear_2) beside conv_in/conv_out, as in diffusers; SDXL on
+# library/sdxl_original_unet.py, whose time embedding `time_embed` and label (add) embedding `label_emb` are
+# nn.Sequential and whose conv_in/conv_out are input_blocks.0.0 / out.2. LyCORIS 4.1.3's full-lin, attn-mlp and
+# unet-transformer-only select the time embedding by that class (full-lin also by the names
+# time_embedding.linear_1/2), its unet-convblock-only conv_in/conv_out by name: on SDXL none of them matches.
+SD_TIME_EMBEDDING = {"time_embedding.linear_1", "time_embedding.linear_2"}
+SD_CONV_IN_OUT = {"conv_in", "conv_out"}
+SDXL_ROOT_NAMES = {"time_embed.0", "time_embed.2", "label_emb.0.0", "label_emb.0.2", "add_embedding.linear_1",
+                   "add_embedding.linear_2", "input_blocks.0.0", "out.2"}
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in ("full", "attn-only")])
+def test_sdxl_preset_files_name_no_time_embedding_and_import_back(preset, tmp_path):
+    """The export's preset file selects what sd-scripts + LyCORIS' preset trains on the script's UNet: the time
+    embedding (and conv_in/conv_out) on SD1/SD2, none of the root layers on SDXL; import recognises each file."""
+    found = {}
+    for family, sets in ((SD1, []), (SDXL, _sdxl("sdxl"))):
+        original = resolve_config(EXAMPLE, [], sets + LYCORIS + ['network.algo="loha"',
+                                                                f'network.lycoris_preset="{preset}"'])
+        plan = build_plan(original)
+        assert plan.model_family == family.name
+        out = tmp_path / family.name
+        write_export(out, build_export(original.config, plan))
+        table = tomllib.loads((out / PRESET_FILE).read_text())
+        found[family.name] = set(table["unet_target_name"])
+        assert not found[family.name] & SDXL_ROOT_NAMES
+        result = import_file(out / CONFIG_FILE, out / DATASET_FILE)
+        assert result.unsupported == {}
+        (tmp_path / "back.toml").write_text(render_toml(result), encoding="utf-8")
+        assert resolve_config(tmp_path / "back.toml").config.network == original.config.network
+    convs = preset == "unet-convblock-only"
+    assert found == {"sd1": SD_CONV_IN_OUT if convs else SD_TIME_EMBEDDING, "sdxl": set()}
+
+
+# LyCORIS networks on the released UNets (LoCon, conv_dim = 8 where the preset wraps 3x3 convs): README's table
+# "Network options from the guides". SDXL: full-lin, attn-mlp, unet-transformer-only without the 4 time/add
+# embedding layers, unet-convblock-only without conv_in/conv_out (see above).
+RELEASED_PRESET_COUNTS = {
+    "full": ((278, 72), (788, 264)), "full-lin": ((230, 72), (750, 264)), "attn-mlp": ((194, 72), (722, 264)),
+    "attn-only": ((128, 48), (560, 176)), "unet-transformer-only": ((194, 0), (722, 0)),
+    "unet-convblock-only": ((88, 0), (66, 0)),
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_counts_on_the_released_unets(preset, tmp_path):
+    from loracli.config.schema import NetworkSection
+    from loracli.network_layout import model_configs, planned_modules
+
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")  # only its existence matters: the family's own layout is used
+    for family, counts in zip((SD1, SDXL), RELEASED_PRESET_COUNTS[preset]):
+        options = dict(algo="locon", network_module="lycoris.kohya", lycoris_preset=preset)
+        if targets_for("locon", preset, family)["enable_conv"]:
+            options["conv_dim"] = 8
+        modules = planned_modules(NetworkSection(**options), family,
+                                  *model_configs(str(checkpoint), "single-file", family))
+        assert (sum(m.part == "unet" for m in modules), sum(m.part != "unet" for m in modules)) == counts
 
 
 def test_full_size_counts_are_the_ones_sd_scripts_prints(tmp_path):
