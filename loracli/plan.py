@@ -126,6 +126,11 @@ class Plan:
     # "ranks"} rows from the model's configs (loracli.network_layout); empty when they cannot be read
     network_modules: list[dict[str, Any]] = field(default_factory=list)
 
+    def images_per_step(self) -> float:
+        """Images trained per optimizer step, all processes together, averaged over an epoch: an epoch trains
+        every bucket entry (repeats and reg images included) once, whatever batch size each dataset has."""
+        return sum(b["count"] for b in self.buckets) / self.steps_per_epoch
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

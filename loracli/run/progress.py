@@ -111,7 +111,7 @@ def loading_model_line(name_or_path: str, family_title: str, model_path: str | N
     return f"loading model {name_or_path} ({family_title}){where} ..."
 
 
-def run_summary(run_dir: Path, started: float, start_step: int, images_per_step: int) -> list[str]:
+def run_summary(run_dir: Path, started: float, start_step: int, images_per_step: float) -> list[str]:
     """The lines that end a run: time and speed, loss, the files written, what to run next.
     Read back from the run folder (metrics.jsonl, the saved files), so it says what is on disk."""
     from loracli.report.curves import read_metrics

@@ -1,78 +1,61 @@
 """The training recipe, top to bottom.
 
-read the run folder → accelerator → models → network → data → optimizer →
-loop (the diffusion step) → save. The plan fixes every number (batches, steps,
-epochs, warmup, save points); this file only carries it out, and stops if the
-data it builds does not match the plan.
+read the run folder → accelerator → models → data → optimizer and schedule → resume → metadata →
+loop (prefetch → loss → backward → step → bookkeeping) → final save. `_train` lists the phases; each is
+a function below it. The plan fixes every number (batches, steps, epochs, warmup, save points); this
+file only carries it out, and stops if the data it builds does not match the plan.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from loracli.captions import process_caption
 from loracli.config.loader import read_toml
-from loracli.config.schema import LoracliConfig
+from loracli.config.schema import DatasetSection, LoracliConfig
+from loracli.dataset.subsets import image_options
 from loracli.errors import ConfigError, Interrupted, Problem, TrainingError
-from loracli.family import FAMILIES
+from loracli.family import FAMILIES, ModelFamily
 from loracli.lint import trains_text_encoder
 from loracli.network_blocks import BlockOptions, extra_network_args
 from loracli.plan import Plan, load_plan
-from loracli.report.curves import write_curves
-from loracli.captions import process_caption
 from loracli.run.compiled import StepTiming, compile_failure, compile_unet
 from loracli.run.conditioning import Conditioner, TextCache, conditioner_for
-from loracli.dataset.subsets import image_options
 from loracli.run.data import BucketBatches, ExampleLoader, caption_options, mask_source, original_size
-from loracli.run.latents import LatentCache, encode
-from loracli.run.metadata import (
-    assemble_file_metadata,
-    build_metadata,
-    modelspec_metadata,
-    no_metadata_subset,
-    per_save_metadata,
-)
+from loracli.run.forward import DiffusionLoss
 from loracli.run.fp8 import store_in_fp8
 from loracli.run.global_draws import GlobalDraws
+from loracli.run.latents import LatentCache
+from loracli.run.metadata import build_metadata
 from loracli.run.models import SDComponents, load_sd_components
-from loracli.run.network import (
-    LoraPlus,
-    NetworkSpec,
-    create_network,
-    load_network_weights,
-    prepare_param_groups,
-    to_kohya_state_dict,
-)
+from loracli.run.network import LoraPlus, NetworkSpec, create_network, load_network_weights, prepare_param_groups
 from loracli.run.optim import adafactor_uses_relative_step, build_optimizer, build_scheduler, current_lrs
-from loracli.run.prefetch import BatchPrefetcher, planned_jobs, to_device
+from loracli.run.outputs import RunOutputs, forget_after
 from loracli.run.precision import allow_fp16_unscale, network_dtype
+from loracli.run.prefetch import BatchPrefetcher, planned_jobs
 from loracli.run.progress import TrainingProgress, loading_model_line, quiet_third_party, run_summary
 from loracli.run.sampling import SampleMaker
-from loracli.run.saving import atomic_save_safetensors, cast_for_save, save_failure
-from loracli.run.state import TrainState, load_latest_state, loader_rng_state, save_state
-from loracli.run.step import (
-    LossOptions,
-    compute_target,
-    diffusion_loss,
-    enforce_zero_terminal_snr,
-    input_perturbation,
-    sample_noise,
-    sample_timesteps,
-)
-from loracli.run.validation import Validator, due_after_epoch, due_after_step, run_validation
-from loracli.run.step_sync import LossWatch, average_gradients, loss_check_interval
-from loracli.rundir import atomic_write_json, atomic_write_text
-from loracli.sample_prompts import read_prompt_file, round_label
-from loracli.schedule import epoch_file_name, final_file_name, kept_after_pruning, step_file_name
-from loracli.trackers import init_trackers, log_sample_images, tracker_names
+from loracli.run.state import TrainState, load_latest_state, loader_rng_state
+from loracli.run.step import enforce_zero_terminal_snr
+from loracli.run.step_sync import average_gradients
+from loracli.run.validation import Validator
+from loracli.rundir import atomic_write_json
+from loracli.sample_prompts import read_prompt_file
+from loracli.schedule import final_file_name
+from loracli.trackers import init_trackers, tracker_names
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -217,24 +200,109 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+
+# --- what the phases hand each other -------------------------------------------------------------
+
+@dataclass
+class RunContext:
+    """The run as read from its folder, and where it reports."""
+
+    run_dir: Path
+    config: LoracliConfig
+    plan: Plan
+    family: ModelFamily
+    status: StatusFile
+    stop: StopFlag
+    progress: TrainingProgress
+
+    def log(self, line: str) -> None:
+        self.progress.log(line)
+
+
+@dataclass
+class Devices:
+    accelerator: Accelerator
+    mixed_precision: str  # the effective one (fp16 on a CPU falls back to "no")
+    weight_dtype: torch.dtype  # the frozen base weights'
+    trained_dtype: torch.dtype | None  # the network's under full_fp16 / full_bf16; None: fp32
+    trackers: list[str]  # tensorboard / wandb, as logging.log_with and logging_dir say
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+@dataclass
+class Models:
+    sd: SDComponents
+    network: torch.nn.Module
+    conditioner: Conditioner
+    train_text_encoder: bool
+    unet_after_cache: bool  # the UNet reaches the device once the latent cache is built
+
+
+@dataclass
+class Data:
+    batches: BucketBatches  # the plan's bucket-batches, this process's share
+    draws: GlobalDraws
+    loader: ExampleLoader
+    latent_cache: LatentCache | None
+    text_cache: TextCache | None
+    original_sizes: list[tuple[int, int]]  # SDXL's size conditioning, per planned image
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizer_name: str
+    relative_step: bool  # Adafactor's own schedule (its lr is then recorded as "adafactor:LR")
+    params: list[torch.Tensor]
+    state_bytes: int  # about what a training state needs on disk
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the loop stands: what a state saved now would resume from."""
+
+    step: int
+    epoch: int  # 1-based
+    batches_done: int  # of that epoch, on this process
+
+
+# --- the recipe ------------------------------------------------------------------------------------
+
 def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile, stop: StopFlag,
            resume: bool) -> Path:
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    progress = TrainingProgress(plan.total_steps, enabled=main_process, optimizer_type=config.optimizer.optimizer_type)
+    run = RunContext(run_dir, config, plan, FAMILIES[plan.model_family], status, stop, progress)
+    devices = _start_accelerator(run)
+    models = _build_models(run, devices)
+    validator = _validator(run, devices, models) if main_process else None
+    data = _build_data(run, devices, models)
+    optim = _build_optimizer(run, devices, models)
+    start = _resume(run, devices, data) if resume else Position(0, 1, 0)
+    if devices.accelerator.is_main_process and devices.trackers:
+        init_trackers(devices.accelerator, config, plan, run_dir.name)
+    outputs = _outputs(run, devices, models, optim, validator, start)
+    loop = TrainingLoop(run, devices, models, data, optim, outputs, start)
+    loop.train()
+    return _finish(run, devices, outputs, loop)
+
+
+def _start_accelerator(run: RunContext) -> Devices:
+    """One process in-process, or one of N under accelerate launch; seeded as sd-scripts seeds."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    tr, ds, net, opt, out = config.training, config.dataset, config.network, config.optimizer, config.output
-    family = FAMILIES[plan.model_family]
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    progress = TrainingProgress(plan.total_steps, enabled=main_process, optimizer_type=opt.optimizer_type)
-    log = progress.log
-
-    # --- accelerator: one process in-process, or one of N under accelerate launch
+    tr, plan = run.config.training, run.plan
     if "LOCAL_RANK" not in os.environ:
         AcceleratorState._reset_state(reset_partial_state=True)  # allow several runs in one process
-    mixed_precision = resolve_mixed_precision(tr.mixed_precision, log)
-    logging_dir = config.logging.logging_dir
-    trackers = tracker_names(config)  # tensorboard / wandb, as logging.log_with and logging_dir say
+    mixed_precision = resolve_mixed_precision(tr.mixed_precision, run.log)
+    logging_dir = run.config.logging.logging_dir
+    trackers = tracker_names(run.config)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes then use gloo (how multi-process is tested)
         mixed_precision=mixed_precision,
@@ -244,17 +312,19 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     if accelerator.num_processes != plan.num_processes:
         raise TrainingError(f"the plan is for {plan.num_processes} process(es) but {accelerator.num_processes} run")
     set_seed(tr.seed)
-    device = accelerator.device
-    weight_dtype = DTYPES[mixed_precision]
-    trained_dtype = network_dtype(tr.full_fp16, tr.full_bf16, mixed_precision, log)  # full_fp16 / full_bf16
+    trained_dtype = network_dtype(tr.full_fp16, tr.full_bf16, mixed_precision, run.log)
     if trained_dtype == torch.float16:
         allow_fp16_unscale(accelerator.scaler)  # the scaler refuses fp16 gradients otherwise
+    return Devices(accelerator, mixed_precision, DTYPES[mixed_precision], trained_dtype, trackers)
 
-    # --- models: frozen base weights in the training dtype, network in fp32
-    log(loading_model_line(config.model.pretrained_model_name_or_path, family.title, getattr(plan, "model_path", None)))
-    sd = load_sd_components(getattr(plan, "model_path", None) or config.model.pretrained_model_name_or_path,
-                            config.model.v2, sdxl=family.name == "sdxl",
-                            v_parameterization=config.model.v_parameterization,
+
+def _build_models(run: RunContext, devices: Devices) -> Models:
+    """Frozen base weights in the training dtype, the network in fp32 (or full_fp16 / full_bf16)."""
+    config, tr, ds, net = run.config, run.config.training, run.config.dataset, run.config.network
+    model_path = getattr(run.plan, "model_path", None)
+    run.log(loading_model_line(config.model.pretrained_model_name_or_path, run.family.title, model_path))
+    sd = load_sd_components(model_path or config.model.pretrained_model_name_or_path, config.model.v2,
+                            sdxl=run.family.name == "sdxl", v_parameterization=config.model.v_parameterization,
                             allow_pickle=config.model.allow_pickle_checkpoint)
     if tr.xformers:
         _enable_xformers(sd.unet)
@@ -264,8 +334,8 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     train_te = trains_text_encoder(config, len(sd.text_encoders))
     # with cached latents the UNet reaches the device after the cache is built (the VAE pass has it to itself)
     unet_after_cache = ds.cache_latents or ds.cache_latents_to_disk
-    _place_models(sd, network, device, weight_dtype, mixed_precision, config, unet_on_device=not unet_after_cache,
-                  network_dtype=trained_dtype)
+    _place_models(sd, network, devices.device, devices.weight_dtype, devices.mixed_precision, config,
+                  unet_on_device=not unet_after_cache, network_dtype=devices.trained_dtype)
     if tr.gradient_checkpointing:
         _enable_gradient_checkpointing(sd, train_te)
     network.train()
@@ -274,13 +344,20 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     conditioner = conditioner_for(sd, ds.max_token_length, config.model.clip_skip, tr.weighted_captions)
     if tr.zero_terminal_snr:
         enforce_zero_terminal_snr(sd.noise_scheduler)
-    loss_options = LossOptions(tr.loss_type, tr.huber_schedule, tr.huber_c, tr.huber_scale,
-                               tr.scale_v_pred_loss_like_noise_pred, tr.v_pred_like_loss, tr.debiased_estimation_loss)
-    # the held-out images' latents, noise and timesteps, fixed now (the VAE may leave the device below)
-    validator = Validator(plan, config, sd, conditioner, family.latent_scaling_factor, device, _caches_text(config)) \
-        if getattr(plan, "validation_images", None) and main_process else None
+    return Models(sd, network, conditioner, train_te, unet_after_cache)
 
-    # --- data: the plan's bucket-batches; the run never recomputes the schedule
+
+def _validator(run: RunContext, devices: Devices, models: Models) -> Validator | None:
+    """The held-out images' latents, noise and timesteps, fixed now (the VAE may leave the device next)."""
+    if not getattr(run.plan, "validation_images", None):
+        return None
+    return Validator(run.plan, run.config, models.sd, models.conditioner, run.family.latent_scaling_factor,
+                     devices.device, _caches_text(run.config))
+
+
+def _build_data(run: RunContext, devices: Devices, models: Models) -> Data:
+    """The plan's bucket-batches (never recomputed: a mismatch stops the run), the caches and the loader."""
+    config, plan, tr, accelerator = run.config, run.plan, run.config.training, devices.accelerator
     dataset_seed = random.Random(tr.seed).randint(0, 2**31)
     # each image trains with its subset's options ([[datasets]]), or [dataset]'s in the folder form
     per_image = image_options(config, plan.images)
@@ -291,27 +368,39 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     if batches.total_batches() != plan.batches_per_epoch:
         raise TrainingError(f"the data gives {batches.total_batches()} batches per epoch but the plan says "
                             f"{plan.batches_per_epoch}; re-run `loracli plan` (did the dataset change?)")
-    cache = None
-    if ds.cache_latents or ds.cache_latents_to_disk:
-        disk = _cache_dir() / "latents" if ds.cache_latents_to_disk else None
-        cache = LatentCache(plan, [o.flip_aug for o in per_image], disk,
-                            [mask_source(im, o) for im, o in zip(plan.images, per_image)])
-        cache.fill(sd.vae, family.latent_scaling_factor, config.model.pretrained_model_name_or_path,
-                   ds.vae_batch_size, tr.seed)
-        log(f"latents cached: {cache.encoded} encoded, {cache.count_needed() - cache.encoded} read from disk")
-        sd.vae.to("cpu")  # no longer needed on the device
-    if unet_after_cache:
-        sd.unet.to(device)
-    loader = ExampleLoader(plan, ds, plan.total_steps, load_pixels_=cache is None, seed=tr.seed + 1,
+    cache = _latent_cache(run, models.sd, per_image)
+    if models.unet_after_cache:
+        models.sd.unet.to(devices.device)
+    loader = ExampleLoader(plan, config.dataset, plan.total_steps, load_pixels_=cache is None, seed=tr.seed + 1,
                            image_options=per_image)
-    original_sizes = [original_size(im, o, cache is not None) for im, o in zip(plan.images, per_image)]  # SDXL
-    text_cache = _text_cache(config, plan, conditioner, device, log) if _caches_text(config) else None
+    original_sizes = [original_size(im, o, cache is not None) for im, o in zip(plan.images, per_image)]
+    text_cache = _text_cache(config, plan, models.conditioner, devices.device, run.log) \
+        if _caches_text(config) else None
     if text_cache is not None and not plan.sample_rounds:
-        for te in sd.text_encoders:  # frozen and no longer read: free the device (sd-scripts does too)
+        for te in models.sd.text_encoders:  # frozen and no longer read: free the device (sd-scripts does too)
             te.to("cpu")
+    return Data(batches, draws, loader, cache, text_cache, original_sizes)
 
-    # --- optimizer and schedule (sd-scripts' param groups: text encoder first, then UNet)
-    groups = prepare_param_groups(network, opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
+
+def _latent_cache(run: RunContext, sd: SDComponents, per_image: list[DatasetSection]) -> LatentCache | None:
+    """Every latent the plan needs, encoded once (cache_latents), then the VAE leaves the device."""
+    ds, tr = run.config.dataset, run.config.training
+    if not (ds.cache_latents or ds.cache_latents_to_disk):
+        return None
+    disk = _cache_dir() / "latents" if ds.cache_latents_to_disk else None
+    cache = LatentCache(run.plan, [o.flip_aug for o in per_image], disk,
+                        [mask_source(im, o) for im, o in zip(run.plan.images, per_image)])
+    cache.fill(sd.vae, run.family.latent_scaling_factor, run.config.model.pretrained_model_name_or_path,
+               ds.vae_batch_size, tr.seed)
+    run.log(f"latents cached: {cache.encoded} encoded, {cache.count_needed() - cache.encoded} read from disk")
+    sd.vae.to("cpu")  # no longer needed on the device
+    return cache
+
+
+def _build_optimizer(run: RunContext, devices: Devices, models: Models) -> Optimization:
+    """sd-scripts' param groups (text encoder first, then UNet), the optimizer and the lr schedule."""
+    opt, plan, accelerator = run.config.optimizer, run.plan, devices.accelerator
+    groups = prepare_param_groups(models.network, opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
     optimizer, optimizer_name = build_optimizer(opt.optimizer_type, groups, opt.learning_rate, opt.optimizer_args)
     relative_step = adafactor_uses_relative_step(opt.optimizer_type, opt.optimizer_args)
     scheduler_name = "adafactor" if relative_step else opt.lr_scheduler
@@ -320,271 +409,180 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
                                    plan.total_steps * plan.num_processes, opt.lr_scheduler_num_cycles,
                                    opt.lr_scheduler_power, opt.learning_rate if relative_step else None)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    accelerator.register_for_checkpointing(network)  # its weights travel with the optimizer state
+    accelerator.register_for_checkpointing(models.network)  # its weights travel with the optimizer state
     params = [p for g in groups for p in g["params"]]
     state_bytes = 4 * sum(p.numel() * p.element_size() for p in params)  # weights + optimizer moments + slack
+    return Optimization(optimizer, lr_scheduler, optimizer_name, relative_step, params, state_bytes)
 
-    # --- resume: weights, optimizer, schedule and RNG from the last complete state
-    global_step, start_epoch, skip = 0, 1, 0
-    if resume:
-        state = load_latest_state(accelerator, run_dir)
-        if state is None:
-            raise TrainingError(f"{run_dir} has no complete training state to resume from; start a new run "
-                                "(set output.save_state_every_n_steps to save states regularly)")
-        global_step, start_epoch, skip = state.global_step, state.epoch, state.batches_done
-        loader.rng.setstate(loader_rng_state(state))
-        _forget_after(run_dir, global_step)
-        log(f"resuming at step {global_step} (epoch {start_epoch}, {skip} batches done)")
-        status.write(step=global_step, start_step=global_step, epoch=start_epoch)
-        progress.progress.update(progress.task, completed=global_step)
-    if accelerator.is_main_process and trackers:
-        init_trackers(accelerator, config, plan, run_dir.name)
 
-    # --- what every saved file carries
-    started_at = time.time()
-    base_meta = build_metadata(
+def _resume(run: RunContext, devices: Devices, data: Data) -> Position:
+    """Weights, optimizer, schedule and RNG from the last complete state, and the position it was taken at."""
+    state = load_latest_state(devices.accelerator, run.run_dir)
+    if state is None:
+        raise TrainingError(f"{run.run_dir} has no complete training state to resume from; start a new run "
+                            "(set output.save_state_every_n_steps to save states regularly)")
+    data.loader.rng.setstate(loader_rng_state(state))
+    forget_after(run.run_dir, state.global_step)
+    run.log(f"resuming at step {state.global_step} (epoch {state.epoch}, {state.batches_done} batches done)")
+    run.status.write(step=state.global_step, start_step=state.global_step, epoch=state.epoch)
+    run.progress.progress.update(run.progress.task, completed=state.global_step)
+    return Position(state.global_step, state.epoch, state.batches_done)
+
+
+def _outputs(run: RunContext, devices: Devices, models: Models, optim: Optimization, validator: Validator | None,
+             start: Position) -> RunOutputs:
+    """What every saved file carries, the sample maker (main process, when the plan has rounds) and the
+    handle the loop writes through."""
+    config, opt, tr = run.config, run.config.optimizer, run.config.training
+    base_metadata = build_metadata(
         # session_id from its own RNG, so the seeded stream (and a resumed run) is untouched
-        config, plan, family, session_id=random.Random().randint(0, 2**32), training_started_at=started_at,
-        optimizer_name=optimizer_name,
-        lr_scheduler_name=f"adafactor:{opt.learning_rate}" if relative_step else opt.lr_scheduler,
-        learning_rate_recorded=None if relative_step else opt.learning_rate,
-        network_args=network_args_metadata(config), config_hash=plan.config_hash,
-        mixed_precision=mixed_precision,  # the effective one (fp16 on a CPU falls back to "no")
+        config, run.plan, run.family, session_id=random.Random().randint(0, 2**32), training_started_at=time.time(),
+        optimizer_name=optim.optimizer_name,
+        lr_scheduler_name=f"adafactor:{opt.learning_rate}" if optim.relative_step else opt.lr_scheduler,
+        learning_rate_recorded=None if optim.relative_step else opt.learning_rate,
+        network_args=network_args_metadata(config), config_hash=run.plan.config_hash,
+        mixed_precision=devices.mixed_precision,  # the effective one
     )
-    saved = _saved_so_far(run_dir, out.output_name)  # for pruning; non-empty when resuming
-
-    def save(kind: str, number: int, step: int, epoch: int) -> None:
-        report_losses()  # the NaN check runs before every save
-        if not accelerator.is_main_process:
-            return
-        name = {"epoch": lambda: epoch_file_name(out.output_name, number),
-                "step": lambda: step_file_name(out.output_name, number),
-                "final": lambda: final_file_name(out.output_name)}[kind]()
-        tensors = cast_for_save(to_kohya_state_dict(network), out.save_precision)
-        meta = per_save_metadata(base_meta, steps=step, epoch=epoch, finished_at=time.time())
-        if out.no_metadata:
-            meta = no_metadata_subset(meta)
-        # modelspec.date is the time of this save, as sd-scripts stamps each file
-        modelspec = modelspec_metadata(config, family, title=out.output_name, resolution=ds.resolution_wh,
-                                       timestamp=time.time())
-        try:
-            atomic_save_safetensors(tensors, assemble_file_metadata(meta, modelspec, tensors), run_dir / name)
-        except OSError as exc:  # a full disk: keep what can be resumed, then say how
-            raise save_failure(exc, run_dir / name, run_dir, state_after_failed_save()) from None
-        status.write(last_save=name)
-        if kind in saved:
-            _prune(run_dir, kind, number, saved[kind], config)
-
-    def state_after_failed_save() -> Path | None:
-        """The training state, saved when a LoRA file could not be (None when that fails too)."""
-        if accelerator.num_processes != 1:  # save_state waits for every process; the others are not here
-            return None
-        try:
-            return save_state(accelerator, run_dir, TrainState(*position, prefetch.rng_state),
-                              out.save_last_n_states, state_bytes)
-        except (OSError, TrainingError):
-            return None
-
-    # --- sample images at the plan's rounds (made by the main process; the others wait)
-    sample_rounds = {r["label"]: r for r in plan.sample_rounds}
-    resumed_at = global_step
     sampler = None
-    if sample_rounds and accelerator.is_main_process:
-        sampler = SampleMaker(sd, conditioner, read_prompt_file(config.sample.sample_prompts),
+    if run.plan.sample_rounds and devices.accelerator.is_main_process:
+        sampler = SampleMaker(models.sd, models.conditioner, read_prompt_file(config.sample.sample_prompts),
                               config.sample.sample_sampler, config.model.v_parameterization, tr.seed,
-                              out.output_name, run_dir / "samples", log)
+                              config.output.output_name, run.run_dir / "samples", run.log)
+    return RunOutputs(run.run_dir, config, run.plan, run.family, devices.accelerator, models.network, models.sd,
+                      run.status, run.progress, devices.trackers, base_metadata, devices.weight_dtype, validator,
+                      sampler, resumed_at=start.step, state_bytes=optim.state_bytes)
 
-    def sample(step: int, epoch: int | None) -> None:
-        label = round_label(step, epoch)
-        # A resumed run redoes an epoch-end round at its own step (it may have been cut short).
-        if label not in sample_rounds or step < resumed_at or (step == resumed_at and epoch is None):
-            return
-        report_losses()
-        if sampler is not None:
-            started = time.time()
-            made = sampler.make_round(label, device, accelerator.autocast, [sd.unet, *sd.text_encoders, network])
-            title = f"{out.output_name or run_dir.name}: samples by round ({config.sample.sample_sampler})"
-            grid = sampler.update_grid([lb for lb in sample_rounds if sample_rounds[lb]["step"] <= step], title)
-            if trackers:
-                log_sample_images(accelerator, made, step)
-            status.write(last_sample=label)
-            log(f"sample images ({label}): {len(made)} in {time.time() - started:.1f}s, grid {grid.name}")
-        accelerator.wait_for_everyone()
 
-    def validate(step: int, epoch: int, at_epoch_end: bool) -> None:
-        """The validation loss when the plan holds images out and a round is due (run/validation.py)."""
-        if validator is not None and (due_after_epoch(config, epoch) if at_epoch_end else due_after_step(config, step)):
-            report_losses()  # the trackers (wandb) must see the steps in order
-        run_validation(validator, config, step, epoch, at_epoch_end, network, accelerator.autocast, weight_dtype,
-                       metrics, accelerator, trackers, log)
+class TrainingLoop:
+    """The epochs: each micro-batch is prefetch → loss → backward; every GA micro-batches (and at an
+    epoch's end) gradients sync → clip → optimizer step → bookkeeping (losses, status, samples,
+    validation, saves, state, stop)."""
 
-    def draw_curves() -> None:
-        """loss.png and lr.png from metrics.jsonl; a plotting failure never stops training."""
-        if not accelerator.is_main_process:
-            return
-        if metrics and not metrics.closed:
-            metrics.flush()
+    def __init__(self, run: RunContext, devices: Devices, models: Models, data: Data, optim: Optimization,
+                 outputs: RunOutputs, start: Position):
+        self.run, self.devices, self.models, self.data, self.optim, self.outputs = \
+            run, devices, models, data, optim, outputs
+        self.start = self.position = start
+        self.grad_accum = run.config.training.gradient_accumulation_steps
+        self.loss = DiffusionLoss(run.config, run.plan, models.sd, models.conditioner, data.draws, devices.device,
+                                  devices.weight_dtype, run.family.latent_scaling_factor, models.train_text_encoder,
+                                  data.latent_cache, data.text_cache, data.original_sizes)
+        outputs.current_state = self.state_now
+
+    def train(self) -> None:
+        plan, start = self.run.plan, self.start
+        # batches are built on a background thread in the loop's order (same random stream)
+        self.prefetch = BatchPrefetcher(
+            self.data.loader, planned_jobs(self.data.batches, start.epoch, plan.epochs, start.batches_done,
+                                           self.grad_accum, start.step, plan.total_steps),
+            pin_memory=self.devices.device.type == "cuda" and self.data.latent_cache is None)
+        self.timing = StepTiming(self.run.config.training.torch_compile)
+        self.run.progress.__enter__()
         try:
-            write_curves(run_dir)
-        except Exception as exc:  # noqa: BLE001 - a plot must never end a run
-            log(f"warning: could not draw the curves: {exc}")
-
-    # --- the loop
-    ga = tr.gradient_accumulation_steps
-    noise_scheduler = sd.noise_scheduler
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if accelerator.is_main_process else None
-    losses = LossWatch(loss_check_interval(device))  # read on the host every N steps, not every step
-
-    def report_losses() -> None:
-        """Read the pending losses (one host sync; stops on NaN/inf) and log them."""
-        for r in losses.flush():
-            progress.step(r.loss, next(iter(r.lrs.values()), 0.0), r.epoch)
-            if metrics and not metrics.closed:
-                metrics.write(json.dumps({"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lrs}) + "\n")
-            if trackers:
-                accelerator.log({"loss/current": r.loss, **{f"lr/{k}": v for k, v in r.lrs.items()}}, step=r.step)
-
-    # batches are built on a background thread in the loop's order (same random stream)
-    prefetch = BatchPrefetcher(loader, planned_jobs(batches, start_epoch, plan.epochs, skip, ga, global_step,
-                                                    plan.total_steps),
-                               pin_memory=device.type == "cuda" and cache is None)
-    position = (global_step, start_epoch, skip)
-    timing = StepTiming(tr.torch_compile)
-    progress.__enter__()
-    try:
-        sample(0, 0)  # sample_at_first
-        timing.start()  # the time to the first step counts from here (compiling, first allocations)
-        for epoch in range(start_epoch, plan.epochs + 1):
-            epoch_batches = batches.epoch_batches(epoch)
-            status.write(epoch=epoch)
-            for i, indices in enumerate(epoch_batches):
-                if epoch == start_epoch and i < skip:
-                    continue  # consumed before the state was saved
-                # accelerate syncs every GA micro-batches and on the last batch of the epoch
-                sync = (i + 1) % ga == 0 or i == len(epoch_batches) - 1
-                batch = prefetch(indices, epoch, global_step)
-                with accelerator.no_sync(network) if not sync else nullcontext():
-                    with accelerator.autocast():
-                        if cache is not None:
-                            latents = cache.batch(batch.indices, batch.flipped).to(device)
-                            masks = cache.mask_batch(batch.indices, batch.flipped)
-                        else:
-                            masks = batch.masks
-                            latents = encode(sd.vae, to_device(batch.pixels, device), family.latent_scaling_factor)
-                        with torch.set_grad_enabled(train_te):
-                            cond = text_cache(batch.captions, device) if text_cache is not None else \
-                                conditioner.encode(batch.captions, device)
-                        # drawn for the step's batch across all processes; each keeps its rows
-                        rows, wide = latents.shape[0], draws.widen(latents)
-                        wide_noise = sample_noise(wide, None, tr.noise_offset, tr.noise_offset_random_strength,
-                                                  tr.adaptive_noise_scale, tr.multires_noise_iterations,
-                                                  tr.multires_noise_discount)
-                        noise = draws.own(wide_noise, rows)
-                        timesteps = draws.own(sample_timesteps(wide.shape[0], tr.min_timestep, tr.max_timestep,
-                                                               num_timesteps, device, None), rows)
-                        noisy = noise_scheduler.add_noise(
-                            latents, draws.own(input_perturbation(wide, wide_noise, tr.ip_noise_gamma,
-                                                                  tr.ip_noise_gamma_random_strength), rows), timesteps)
-                        images = [plan.images[i] for i in batch.indices]
-                        unet_inputs = conditioner.unet_kwargs(cond, [original_sizes[i] for i in batch.indices],
-                                                              [im.bucket for im in images], batch.flipped,
-                                                              weight_dtype)
-                        pred = sd.unet(noisy.to(weight_dtype), timesteps, **unet_inputs).sample
-                        target = compute_target(noise_scheduler, latents, noise, timesteps,
-                                                config.model.v_parameterization)
-                        weights = torch.where(batch.is_reg.to(device), tr.prior_loss_weight, 1.0)
-                        loss = diffusion_loss(pred.float(), target.float(), timesteps, noise_scheduler, weights,
-                                              tr.min_snr_gamma, config.model.v_parameterization, loss_options,
-                                              masks)
-                    accelerator.backward(loss / ga)
-                if not sync:
-                    continue
-                if accelerator.num_processes > 1:
-                    # the network is not DDP-wrapped (its forward is the UNet's): one flat all-reduce per bucket
-                    average_gradients(accelerator.reduce, params)
-                if opt.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, opt.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if net.scale_weight_norms:
-                    network.apply_max_norm_regularization(net.scale_weight_norms, device)
-                global_step += 1
-                position = (global_step, epoch, i + 1)  # what a state saved now would resume from
-                timing.stepped(status, log)
-
-                losses.add(global_step, epoch, loss, current_lrs(optimizer, lr_scheduler))
-                if losses.due():
-                    report_losses()
-                status.write(step=global_step)
-                sample(global_step, None)
-                validate(global_step, epoch, at_epoch_end=False)
-                if out.save_every_n_steps and global_step % out.save_every_n_steps == 0:
-                    save("step", global_step, global_step, epoch - 1)  # sd-scripts records 0-based here
-                every = out.save_state_every_n_steps
-                if stop.requested or (every and global_step % every == 0):
-                    report_losses()
-                    if metrics:
-                        metrics.flush()
-                    save_state(accelerator, run_dir, TrainState(global_step, epoch, i + 1, prefetch.rng_state),
-                               out.save_last_n_states, state_bytes)
-                if stop.requested:
-                    raise Interrupted(f"interrupted at step {global_step}; the state is saved: "
-                                      f"loracli train --resume {run_dir}")
-                if global_step >= plan.total_steps:
+            self.outputs.sample(0, 0)  # sample_at_first
+            self.timing.start()  # the time to the first step counts from here (compiling, first allocations)
+            for epoch in range(start.epoch, plan.epochs + 1):
+                self._epoch(epoch)
+                if self.position.step >= plan.total_steps:
                     break
-            report_losses()
-            progress.epoch_done(epoch, plan.epochs, global_step, plan.total_steps)
-            draw_curves()
-            sample(global_step, epoch)
-            validate(global_step, epoch, at_epoch_end=True)
-            if out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0 and epoch < plan.epochs:
-                save("epoch", epoch, global_step, epoch)
-            if global_step >= plan.total_steps:
+        finally:
+            self.prefetch.close()
+            self.run.progress.__exit__(None, None, None)
+            self.outputs.close()
+
+    def state_now(self) -> TrainState:
+        """The training state a save at this point records (the loader RNG as of the last batch taken)."""
+        p = self.position
+        return TrainState(p.step, p.epoch, p.batches_done, self.prefetch.rng_state)
+
+    def _epoch(self, epoch: int) -> None:
+        epoch_batches = self.data.batches.epoch_batches(epoch)
+        self.run.status.write(epoch=epoch)
+        for i, indices in enumerate(epoch_batches):
+            if epoch == self.start.epoch and i < self.start.batches_done:
+                continue  # consumed before the state was saved
+            # accelerate syncs every GA micro-batches and on the last batch of the epoch
+            sync = (i + 1) % self.grad_accum == 0 or i == len(epoch_batches) - 1
+            loss = self._forward_backward(indices, epoch, sync)
+            if not sync:
+                continue
+            self._optimizer_step()
+            self.position = Position(self.position.step + 1, epoch, i + 1)
+            self.timing.stepped(self.run.status, self.run.log)
+            self._after_step(loss)
+            if self.position.step >= self.run.plan.total_steps:
                 break
-    finally:
-        prefetch.close()
-        progress.__exit__(None, None, None)
-        if metrics:
-            metrics.close()
-    save("final", 0, global_step, plan.epochs)
-    draw_curves()
-    accelerator.wait_for_everyone()
-    if trackers:
-        accelerator.end_training()
-    final = run_dir / final_file_name(out.output_name)
-    log(f"saved {final}")
-    if accelerator.is_main_process:
-        for line in run_summary(run_dir, status.data["started_at"], resumed_at,
-                                tr.train_batch_size * tr.gradient_accumulation_steps * plan.num_processes):
-            log(line)
-        timing.finished(status, log)
+        self._after_epoch(epoch)
+
+    def _forward_backward(self, indices: list[int], epoch: int, sync: bool) -> torch.Tensor:
+        accelerator = self.devices.accelerator
+        batch = self.prefetch(indices, epoch, self.position.step)
+        with accelerator.no_sync(self.models.network) if not sync else nullcontext():
+            with accelerator.autocast():
+                loss = self.loss.compute(batch)
+            accelerator.backward(loss / self.grad_accum)
+        return loss
+
+    def _optimizer_step(self) -> None:
+        accelerator, optim, config = self.devices.accelerator, self.optim, self.run.config
+        if accelerator.num_processes > 1:
+            # the network is not DDP-wrapped (its forward is the UNet's): one flat all-reduce per bucket
+            average_gradients(accelerator.reduce, optim.params)
+        if config.optimizer.max_grad_norm:
+            accelerator.clip_grad_norm_(optim.params, config.optimizer.max_grad_norm)
+        optim.optimizer.step()
+        optim.lr_scheduler.step()
+        optim.optimizer.zero_grad(set_to_none=True)
+        if config.network.scale_weight_norms:
+            self.models.network.apply_max_norm_regularization(config.network.scale_weight_norms, self.devices.device)
+
+    def _after_step(self, loss: torch.Tensor) -> None:
+        """Losses, status, then what the plan schedules at this step: samples, validation, a file, a state."""
+        step, epoch, out, outputs = self.position.step, self.position.epoch, self.run.config.output, self.outputs
+        outputs.losses.add(step, epoch, loss, current_lrs(self.optim.optimizer, self.optim.lr_scheduler))
+        if outputs.losses.due():
+            outputs.report_losses()
+        self.run.status.write(step=step)
+        outputs.sample(step, None)
+        outputs.validate(step, epoch, at_epoch_end=False)
+        if out.save_every_n_steps and step % out.save_every_n_steps == 0:
+            outputs.save("step", step, step, epoch - 1)  # sd-scripts records 0-based here
+        stop, every = self.run.stop, out.save_state_every_n_steps
+        if stop.requested or (every and step % every == 0):
+            outputs.save_state(self.state_now())
+        if stop.requested:
+            raise Interrupted(f"interrupted at step {step}; the state is saved: "
+                              f"loracli train --resume {self.run.run_dir}")
+
+    def _after_epoch(self, epoch: int) -> None:
+        plan, out, outputs, step = self.run.plan, self.run.config.output, self.outputs, self.position.step
+        outputs.report_losses()
+        self.run.progress.epoch_done(epoch, plan.epochs, step, plan.total_steps)
+        outputs.draw_curves()
+        outputs.sample(step, epoch)
+        outputs.validate(step, epoch, at_epoch_end=True)
+        if out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0 and epoch < plan.epochs:
+            outputs.save("epoch", epoch, step, epoch)
+
+
+def _finish(run: RunContext, devices: Devices, outputs: RunOutputs, loop: TrainingLoop) -> Path:
+    """The final file, the curves, the trackers closed, and the summary."""
+    outputs.save("final", 0, loop.position.step, run.plan.epochs)
+    outputs.draw_curves()
+    devices.accelerator.wait_for_everyone()
+    if devices.trackers:
+        devices.accelerator.end_training()
+    final = run.run_dir / final_file_name(run.config.output.output_name)
+    run.log(f"saved {final}")
+    if devices.accelerator.is_main_process:
+        for line in run_summary(run.run_dir, run.status.data["started_at"], loop.start.step,
+                                run.plan.images_per_step()):
+            run.log(line)
+        loop.timing.finished(run.status, run.log)
     return final
 
 
-def _saved_so_far(run_dir: Path, output_name: str | None) -> dict[str, list[int]]:
-    """Epoch and step files already in the run folder (a resumed run prunes them too)."""
-    saved: dict[str, list[int]] = {"epoch": [], "step": []}
-    stem = output_name or ""
-    for path in run_dir.glob("*.safetensors"):
-        name = path.stem
-        for kind, marker in (("step", f"{stem or 'at'}-step"), ("epoch", f"{stem or 'epoch'}-")):
-            rest = name[len(marker):] if name.startswith(marker) else ""
-            if rest.isdigit():
-                saved[kind].append(int(rest))
-                break
-    return {k: sorted(v) for k, v in saved.items()}
-
-
-def _forget_after(run_dir: Path, step: int) -> None:
-    """A killed run may have logged steps after its last state: drop them, they will be redone."""
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        lines = [line for line in metrics.read_text().splitlines()
-                 if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(metrics, "".join(line + "\n" for line in lines))
-
+# --- helpers of the phases ------------------------------------------------------------------------
 
 def _place_models(sd: SDComponents, network, device, weight_dtype, mixed_precision: str,
                   config: LoracliConfig, unet_on_device: bool = True, network_dtype: torch.dtype | None = None
@@ -630,21 +628,6 @@ def _text_cache(config: LoracliConfig, plan: Plan, conditioner: Conditioner, dev
     cache.fill(captions, device, config.dataset.vae_batch_size)
     log(f"text-encoder outputs cached: {cache.encoded} encoded, {len(cache.memory) - cache.encoded} read from disk")
     return cache
-
-
-def _prune(run_dir: Path, kind: str, number: int, history: list[int], config: LoracliConfig) -> None:
-    """save_last_n_epochs / save_last_n_steps: delete what sd-scripts would have deleted by now."""
-    out = config.output
-    history.append(number)
-    every = out.save_every_n_epochs if kind == "epoch" else out.save_every_n_steps
-    keep_last = out.save_last_n_epochs if kind == "epoch" else out.save_last_n_steps
-    if not every or not keep_last:
-        return
-    kept = set(kept_after_pruning(list(history), every, keep_last, kind))
-    namer = epoch_file_name if kind == "epoch" else step_file_name
-    for old in [n for n in history if n not in kept]:
-        (run_dir / namer(out.output_name, old)).unlink(missing_ok=True)
-        history.remove(old)
 
 
 def _enable_xformers(unet) -> None:

@@ -238,12 +238,12 @@ def test_a_failed_final_save_keeps_a_training_state_to_resume_from(smoke_project
     to resume, in one line, exit 4."""
     import errno
 
-    import loracli.run.train as train_module
+    import loracli.run.outputs as outputs_module
 
     def disk_full(tensors, metadata, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(train_module, "atomic_save_safetensors", disk_full)
+    monkeypatch.setattr(outputs_module, "atomic_save_safetensors", disk_full)
     result = run_cli("train", "--config", smoke_project, "--set", "training.max_train_epochs=1")
     assert result.exit_code == 4, result.stderr
     (run,) = (smoke_project.parent / "runs").iterdir()
