@@ -279,6 +279,7 @@ def _train(run_dir: Path, config: LoracliConfig, plan: Plan, status: StatusFile,
     run = RunContext(run_dir, config, plan, FAMILIES[plan.model_family], status, stop, progress)
     devices = _start_accelerator(run)
     models = _build_models(run, devices)
+    # only the main process validates; built before the data (the latent cache moves the VAE off the device)
     validator = _validator(run, devices, models) if main_process else None
     data = _build_data(run, devices, models)
     optim = _build_optimizer(run, devices, models)
