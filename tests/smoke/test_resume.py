@@ -122,8 +122,8 @@ def test_sigkill_at_random_moments_then_resume(smoke_project, reference_run, del
 
 
 def test_resume_needs_a_state(smoke_project):
-    done = subprocess.run(command(smoke_project, "--set", "output.save_state_every_n_steps=1000"),
-                          capture_output=True, text=True)
+    done = subprocess.run(command(smoke_project, "--set", "output.save_state_every_n_steps=1000",
+                                  "--set", "training.max_train_epochs=2"), capture_output=True, text=True)
     assert done.returncode == 0
     run = only_run(smoke_project, "runs")
     again = subprocess.run([sys.executable, "-m", "loracli", "train", "--resume", str(run)],
