@@ -105,10 +105,12 @@ def _stdout_closed() -> bool:
         return False
 
 
+# Path options and arguments say readable=False: loracli reports an unreadable file itself, in one line
+# naming it (exit 2 or 3); the parser's own check would print a usage screen instead.
 ConfigOpt = typer.Option(None, "--config", "-c", help="The TOML config file (default: ./loracli.toml when present).",
-                         show_default=False)
-PresetOpt = typer.Option(None, "--preset", "-p", metavar="<name>", help="A preset name or file; repeat to compose, left to right.")
-SetOpt = typer.Option(None, "--set", "-s", metavar="<key=value>", help="Override one value: section.key=value (TOML value).")
+                         show_default=False, readable=False)
+PresetOpt = typer.Option(None, "--preset", "-p", metavar="<name>", help="A preset name or file; repeat to compose, left to right.", readable=False)
+SetOpt = typer.Option(None, "--set", "-s", metavar="<key=value>", help="Override one value: section.key=value (TOML value).", readable=False)
 
 
 def version_callback(value: bool) -> None:
@@ -169,15 +171,15 @@ def train(
     preset: Optional[List[str]] = PresetOpt,
     set_: Optional[List[str]] = SetOpt,
     strict: bool = typer.Option(False, "--strict", help="Treat warnings as errors."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Overrides output.output_dir."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Overrides output.output_dir.", readable=False),
     resume: Optional[Path] = typer.Option(
-        None, "--resume", help="Continue an interrupted run from its last saved state (a run folder)."
+        None, "--resume", help="Continue an interrupted run from its last saved state (a run folder).", readable=False
     ),
     backend: str = typer.Option("loracli", "--backend", envvar="LORACLI_BACKEND",
                                 help="Who trains: loracli, or sd-scripts (your checkout's train_network.py)."),
     sd_scripts_dir: Optional[Path] = typer.Option(
         None, "--sd-scripts-dir", envvar="LORACLI_SD_SCRIPTS_DIR", show_default=False,
-        help="The sd-scripts checkout for --backend sd-scripts."),
+        help="The sd-scripts checkout for --backend sd-scripts.", readable=False),
 ) -> None:
     """Validate, plan, write a run folder, then train."""
     from loracli.cli.train_cmd import resume_train, run_train
@@ -232,7 +234,7 @@ def presets_show(name: str = typer.Argument(..., help="Preset name or file.")) -
 @guarded
 def presets_copy(
     name: str = typer.Argument(..., help="Preset to copy."),
-    dest: Path = typer.Argument(..., help="Destination file or folder."),
+    dest: Path = typer.Argument(..., help="Destination file or folder.", readable=False),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Copy a preset out for editing (use it with --preset PATH)."""
@@ -247,7 +249,7 @@ def presets_copy(
 )
 @guarded
 def config_validate(
-    file: Path = typer.Argument(..., help="The config file."),
+    file: Path = typer.Argument(..., help="The config file.", readable=False),
     preset: Optional[List[str]] = PresetOpt,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
@@ -278,7 +280,7 @@ def config_show(
 @app.command(epilog="Examples:\n\n  loracli init\n\n  loracli init my-lora && loracli plan --config my-lora/loracli.toml")
 @guarded
 def init(
-    directory: Path = typer.Argument(Path("."), help="Folder for the new loracli.toml."),
+    directory: Path = typer.Argument(Path("."), help="Folder for the new loracli.toml.", readable=False),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing loracli.toml."),
 ) -> None:
     """Write a commented starter config."""
@@ -287,7 +289,7 @@ def init(
     write_starter(directory, force)
 
 
-QueueFileOpt = typer.Option(Path(".loracli-queue.json"), "--queue-file", help="Where the queue remembers its jobs.")
+QueueFileOpt = typer.Option(Path(".loracli-queue.json"), "--queue-file", help="Where the queue remembers its jobs.", readable=False)
 
 
 @queue_app.command(
@@ -299,7 +301,7 @@ QueueFileOpt = typer.Option(Path(".loracli-queue.json"), "--queue-file", help="W
 )
 @guarded
 def queue_run(
-    configs: List[Path] = typer.Argument(..., help="Config files, one job each."),
+    configs: List[Path] = typer.Argument(..., help="Config files, one job each.", readable=False),
     preset: Optional[List[str]] = PresetOpt,
     queue_file: Path = QueueFileOpt,
     retries: int = typer.Option(1, "--retries", min=0, help="Retries of a job that ran out of GPU memory."),
@@ -310,7 +312,7 @@ def queue_run(
     backend: Optional[str] = typer.Option(None, "--backend",
                                           help="loracli or sd-scripts (default: LORACLI_BACKEND or loracli)."),
     sd_scripts_dir: Optional[Path] = typer.Option(None, "--sd-scripts-dir", envvar="LORACLI_SD_SCRIPTS_DIR",
-                                                  help="The sd-scripts checkout for --backend sd-scripts."),
+                                                  help="The sd-scripts checkout for --backend sd-scripts.", readable=False),
     force: bool = typer.Option(False, "--force",
                                help="Train finished jobs again, each in a new run folder (old ones are kept)."),
 ) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import typer
 
 SD_SCRIPTS_ENV = "LORACLI_SD_SCRIPTS_DIR"
-OutDirArg = typer.Argument(..., help="Folder for config.toml, dataset.toml, train.sh.")
+OutDirArg = typer.Argument(..., help="Folder for config.toml, dataset.toml, train.sh.", readable=False)
 SdScriptsDirOpt = typer.Option(None, "--sd-scripts-dir", envvar=SD_SCRIPTS_ENV, show_default=False,
-                               help="Your sd-scripts checkout (train.sh cds there by default).")
+                               help="Your sd-scripts checkout (train.sh cds there by default).", readable=False)
 
 
 def export_sd_scripts(config: Path | None, preset: list[str], set_: list[str], out_dir: Path,

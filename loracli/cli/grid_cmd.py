@@ -116,9 +116,9 @@ def register(app: typer.Typer) -> None:
     )
     @guarded
     def grid(
-        targets: list[Path] = typer.Argument(..., help="A run folder, or LoRA .safetensors files."),
+        targets: list[Path] = typer.Argument(..., help="A run folder, or LoRA .safetensors files.", readable=False),
         prompt: list[str] = typer.Option([], "--prompt", help="A prompt (sd-scripts options allowed); repeat."),
-        prompts_file: Path = typer.Option(None, "--prompts", help="A prompt file (default: the run's sample prompts)."),
+        prompts_file: Path = typer.Option(None, "--prompts", help="A prompt file (default: the run's sample prompts).", readable=False),
         strengths: str = typer.Option(DEFAULT_STRENGTHS, "--strengths", help="LoRA strengths, comma-separated."),
         seeds: str = typer.Option("1", "--seeds", help="Seeds, comma-separated: one grid per prompt and seed."),
         model: str = typer.Option(None, "--model", help="Base model (default: the run's)."),
@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         cfg: float = typer.Option(None, "--cfg", help="CFG scale (overrides --l)."),
         width: int = typer.Option(None, "--width", min=64, help="Image width (overrides --w)."),
         height: int = typer.Option(None, "--height", min=64, help="Image height (overrides --h)."),
-        out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/grids or ./grids)."),
+        out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/grids or ./grids).", readable=False),
         device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
         allow_pickle: bool = typer.Option(False, "--allow-pickle-checkpoint",
                                           help="Allow a .ckpt base model (a pickle can run code)."),

@@ -8,12 +8,12 @@ from pathlib import Path
 import typer
 
 FileArg = typer.Argument(..., help="sd-scripts config TOML, kohya_ss GUI JSON, or a .sh/.ps1/.bat training script "
-                         "(train_network.py or, for SDXL, sdxl_train_network.py).", show_default=False)
+                         "(train_network.py or, for SDXL, sdxl_train_network.py).", show_default=False, readable=False)
 DatasetConfigOpt = typer.Option(None, "--dataset-config", "-d", show_default=False,
-                                help="The sd-scripts dataset TOML (--dataset_config) that goes with FILE.")
+                                help="The sd-scripts dataset TOML (--dataset_config) that goes with FILE.", readable=False)
 OutputOpt = typer.Option(None, "--output", "-o", show_default=False,
-                         help="Write the loracli TOML here (default: print it).")
-ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output file.")
+                         help="Write the loracli TOML here (default: print it).", readable=False)
+ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output file.", readable=False)
 
 
 def run_import(file: Path, dataset_config: Path | None, output: Path | None, force: bool) -> None:

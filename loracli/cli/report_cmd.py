@@ -8,10 +8,10 @@ from pathlib import Path
 import typer
 
 # module-level so the defaults are not calls in the signatures
-RunDirArg = typer.Argument(..., help="A run folder made by `loracli train`.")
-FileArg = typer.Argument(..., help="A LoRA/LyCORIS .safetensors file (loracli's, sd-scripts', others').")
-JsonOpt = typer.Option(False, "--json", help="Print as JSON.")
-TopOpt = typer.Option(10, "--top", min=0, help="How many of the most frequent caption tags to show.")
+RunDirArg = typer.Argument(..., help="A run folder made by `loracli train`.", readable=False)
+FileArg = typer.Argument(..., help="A LoRA/LyCORIS .safetensors file (loracli's, sd-scripts', others').", readable=False)
+JsonOpt = typer.Option(False, "--json", help="Print as JSON.", readable=False)
+TopOpt = typer.Option(10, "--top", min=0, help="How many of the most frequent caption tags to show.", readable=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -46,8 +46,8 @@ def register(app: typer.Typer) -> None:
     )
     @guarded
     def resize(
-        source: Path = typer.Argument(..., help="The LoRA/LoCon file (kohya format: sd-scripts, kohya_ss, loracli)."),
-        target: Path = typer.Argument(..., help="The resized .safetensors file to write."),
+        source: Path = typer.Argument(..., help="The LoRA/LoCon file (kohya format: sd-scripts, kohya_ss, loracli).", readable=False),
+        target: Path = typer.Argument(..., help="The resized .safetensors file to write.", readable=False),
         dim: Optional[int] = typer.Option(None, "--dim", help="New rank; with --method, the largest rank allowed."),
         conv_dim: Optional[int] = typer.Option(None, "--conv-dim",
                                                help="New rank of 3x3 conv modules (default: --dim)."),
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
                                               "sv_ratio."),
         base: Optional[Path] = typer.Option(None, "--base", help="With --method fro_ckpt: the checkpoint the LoRA "
                                             "is used with; keeps singular values above 10^P x the base weight's "
-                                            "Frobenius norm (modules with none are dropped)."),
+                                            "Frobenius norm (modules with none are dropped).", readable=False),
         save_precision: Optional[str] = typer.Option(None, "--save-precision", help=PRECISION_HELP),
         device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
         force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -86,11 +86,11 @@ def register(app: typer.Typer) -> None:
     )
     @guarded
     def merge(
-        loras: List[Path] = typer.Argument(..., help="LoRA/LyCORIS files (kohya format)."),
-        out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write."),
+        loras: List[Path] = typer.Argument(..., help="LoRA/LyCORIS files (kohya format).", readable=False),
+        out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write.", readable=False),
         model: Optional[Path] = typer.Option(None, "--model", help="Bake the LoRAs into this base model (a "
                                              "single-file .safetensors checkpoint, or an SD1/SDXL diffusers "
-                                             "folder); the output is a single-file checkpoint."),
+                                             "folder); the output is a single-file checkpoint.", readable=False),
         ratio: Optional[List[float]] = typer.Option(None, "--ratio", "-r", help="Strength of each LoRA, in order "
                                                     "(repeat; default 1.0 each)."),
         dim: Optional[int] = typer.Option(None, "--dim", help="LoRAs into one LoRA by SVD at this rank (LoHa/LoKr "
@@ -130,9 +130,9 @@ def register(app: typer.Typer) -> None:
     )
     @guarded
     def extract(
-        base: Path = typer.Argument(..., help="The original model (single-file .safetensors or diffusers folder)."),
-        tuned: Path = typer.Argument(..., help="The fine-tuned model, same family."),
-        target: Path = typer.Argument(..., help="The LoRA .safetensors file to write."),
+        base: Path = typer.Argument(..., help="The original model (single-file .safetensors or diffusers folder).", readable=False),
+        tuned: Path = typer.Argument(..., help="The fine-tuned model, same family.", readable=False),
+        target: Path = typer.Argument(..., help="The LoRA .safetensors file to write.", readable=False),
         dim: int = typer.Option(..., "--dim", help="Rank of the LoRA."),
         conv_dim: Optional[int] = typer.Option(None, "--conv-dim", help="Also extract ResNet/sampler convs, 3x3 at "
                                                "this rank (a LoCon)."),

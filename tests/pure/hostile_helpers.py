@@ -86,7 +86,6 @@ class Case:
     lines: int = 1  # error lines expected
     may_write: tuple[str, ...] = ()  # paths (relative to the project) the command may create
     env: dict[str, str] = field(default_factory=dict)
-    skip: str = ""  # a reason to skip on this machine, decided at collection
     absent: tuple[str, ...] = ()  # what the error must not say (e.g. blame the file for a --set value)
 
 

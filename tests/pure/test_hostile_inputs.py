@@ -13,9 +13,9 @@ import pytest
 from loracli.rundir import RunLock
 from tests.conftest import write_image
 from tests.pure.cli_helpers import run_cli
+from tests.pure.permissions import enforced, forget_locks, lock_read_only, lock_unreadable
 from tests.pure.hostile_helpers import (
     GOOD,
-    IS_ROOT,
     Case,
     check,
     fake_run,
@@ -24,9 +24,6 @@ from tests.pure.hostile_helpers import (
     safetensors_bytes,
     snapshot,
 )
-
-NOT_ROOT = "root reads and writes files whatever their permissions"
-
 
 def conf(extra: str = "", replace: tuple[str, str] | None = None, args: tuple = (), command: str = "plan"):
     """A builder: the example project with extra TOML (or one replacement), then `loracli COMMAND --config`."""
@@ -53,7 +50,7 @@ def symlink(target: str):
 
 
 def chmod0(path: Path) -> None:
-    path.chmod(0)
+    lock_unreadable(path)  # honoured for root too (tests/pure/permissions.py)
 
 
 CONFIG_CASES = [
@@ -155,7 +152,7 @@ CONFIG_CASES = [
          ("logging.logging_dir", "is a file")),
     Case("output_dir not writable", lambda root: _readonly(root / "ro") and
          ["train", "--config", project(root, "[output]\noutput_dir = 'ro/runs'\n")], 2,
-         ("output.output_dir", "not writable"), skip=NOT_ROOT if IS_ROOT else ""),
+         ("output.output_dir", "not writable")),
     # --- config files themselves
     Case("config with a BOM is read", lambda root: _bom(project(root)) and ["plan", "--config", root / "c.toml"], 0),
     Case("config with a BOM and a real error", lambda root: _bom(project(root, "[network]\nnetwork_dimm = 4\n"))
@@ -172,7 +169,7 @@ CONFIG_CASES = [
          GOOD + "x = " + "[" * 100000 + "]" * 100000 + "\n") and ["plan", "--config", root / "c.toml"], 2,
          ("c.toml",)),
     Case("config unreadable", lambda root: chmod0(project(root)) or ["plan", "--config", root / "c.toml"], 2,
-         ("c.toml", "cannot read"), skip=NOT_ROOT if IS_ROOT else ""),
+         ("c.toml", "cannot read")),
     Case("--set path is relative to the current folder", conf(args=("--set", "dataset.train_data_dir='nowhere'")), 3,
          ("dataset.train_data_dir", "nowhere", "--set"), absent=("c.toml",)),
     Case("--set string for an integer", conf(args=("--set", "training.max_train_epochs=10x")), 2,
@@ -199,7 +196,7 @@ def _bom(cfg: Path) -> bool:
 
 def _readonly(folder: Path) -> bool:
     folder.mkdir()
-    folder.chmod(0o555)
+    lock_read_only(folder)
     return True
 
 
@@ -235,12 +232,9 @@ DATA_CASES = [
          ("flat.png",)),
     Case("two broken files, two lines", data(lambda d: os.mkfifo(d / "a.png") or (d / "b.jpg").write_text("x")), 3,
          ("a.png", "b.jpg"), lines=2),
-    Case("image unreadable", data(lambda d: chmod0(d / "000.png")), 3, ("000.png",),
-         skip=NOT_ROOT if IS_ROOT else ""),
-    Case("caption unreadable", data(lambda d: chmod0(d / "000.txt")), 3, ("000.txt", "cannot read"),
-         skip=NOT_ROOT if IS_ROOT else ""),
-    Case("image folder unreadable", data(lambda d: d.chmod(0)), 3, ("2_char", "cannot list"),
-         skip=NOT_ROOT if IS_ROOT else ""),
+    Case("image unreadable", data(lambda d: chmod0(d / "000.png")), 3, ("000.png",)),
+    Case("caption unreadable", data(lambda d: chmod0(d / "000.txt")), 3, ("000.txt", "cannot read")),
+    Case("image folder unreadable", data(lambda d: chmod0(d)), 3, ("2_char", "cannot list")),
     Case("train_data_dir is a file", lambda root: ["plan", "--config", project(root, replace=(
         'train_data_dir = "data"', 'train_data_dir = "c.toml"'))], 3, ("dataset.train_data_dir", "not a folder")),
     Case("train_data_dir is a FIFO", lambda root: os.mkfifo(root / "pipe") or ["plan", "--config", project(
@@ -328,7 +322,21 @@ def _inspect(data: bytes, name: str = "x.safetensors"):
     return build
 
 
+def _unreadable_lora(command: str, *more: str):
+    """A builder: a LoRA file nobody may read, given to `loracli COMMAND` (Path arguments are not checked by
+    the CLI parser, whose multi-line usage error would hide the file's own one-line message)."""
+    def build(root: Path) -> list:
+        (root / "x.safetensors").write_bytes(safetensors_bytes({"ss_network_dim": "4"}))
+        chmod0(root / "x.safetensors")
+        return [command, root / "x.safetensors", *more]
+    return build
+
+
 FILE_CASES = [
+    Case("inspect: unreadable file", _unreadable_lora("inspect"), 3, ("x.safetensors", "cannot read")),
+    Case("resize: unreadable file", _unreadable_lora("resize", "out.safetensors", "--dim", "2"), 3,
+         ("x.safetensors", "cannot read")),
+    Case("import: unreadable file", _unreadable_lora("import", "-o", "imported.toml"), 3, ("x.safetensors", "cannot read")),
     Case("inspect: tag frequency not JSON", _inspect(safetensors_bytes({"ss_tag_frequency": "{nope"})), 0),
     Case("inspect: tag frequency a list", _inspect(safetensors_bytes({"ss_tag_frequency": "[1, 2]"})), 0),
     Case("inspect: tag frequency 100000 deep", _inspect(safetensors_bytes(
@@ -394,19 +402,20 @@ def test_corpus_is_large_enough():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_input(case: Case, tmp_path, monkeypatch):
-    if case.skip:
-        pytest.skip(case.skip)
     root = tmp_path / "project"
     root.mkdir()
     monkeypatch.chdir(root)
     monkeypatch.setenv("LORACLI_CACHE", str(tmp_path / "cache"))
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
+    forget_locks()
     args = case.build(root)
     before = snapshot(root)
     try:
-        result = run_cli(*args)
+        with enforced():
+            result = run_cli(*args)
     finally:
+        forget_locks()
         while _HELD:
             _HELD.pop().release()
     check(case, root, result, before)
