@@ -18,30 +18,40 @@ from typing import Any
 
 from loracli.sdscripts.import_result import ImportResult
 
-# LoRA_type -> (network_module, LyCORIS algo or None, GUI keys that become network_args)
+# What kohya_gui/lora_gui.py (train_model, bmaltais/kohya_ss) passes per LoRA_type as network_args.
+# Standard and Kohya LoCon (networks.lora): the block-wise keys and rank/module dropout, each only when set
+# (truthy); Kohya LoCon adds conv_dim/conv_alpha. The LyCORIS types (lycoris.kohya) always pass their whole
+# list, dora_wd and bypass_mode among them (LoCon, LoHa, LoKr). LoRA+ ratios go to every type, when set.
+KOHYA_BLOCK_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
+                    "block_alphas", "conv_block_dims", "conv_block_alphas")
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 LYCORIS_KEYS = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "use_tucker", "use_scalar",
-                "rank_dropout_scale", "train_norm")
+                "rank_dropout_scale", "train_norm", "bypass_mode", "dora_wd", *LORAPLUS_KEYS)
+# LoRA_type -> (network_module, LyCORIS algo or None, GUI keys that become network_args)
 LORA_TYPES: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
-    "Standard": ("networks.lora", None, ("rank_dropout", "module_dropout")),
-    "Kohya LoCon": ("networks.lora", None, ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout")),
+    "Standard": ("networks.lora", None, ("rank_dropout", "module_dropout", *KOHYA_BLOCK_KEYS, *LORAPLUS_KEYS)),
+    "Kohya LoCon": ("networks.lora", None, ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout",
+                                            *KOHYA_BLOCK_KEYS, *LORAPLUS_KEYS)),
     "LoCon": ("lycoris.kohya", "locon", LYCORIS_KEYS),
     "LyCORIS/LoCon": ("lycoris.kohya", "locon", LYCORIS_KEYS),
     "LyCORIS/LoHa": ("lycoris.kohya", "loha", LYCORIS_KEYS),
-    "LyCORIS/LoKr": ("lycoris.kohya", "lokr",
-                     ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "factor", "use_tucker", "use_cp",
-                      "use_scalar", "decompose_both", "rank_dropout_scale", "train_norm")),
+    "LyCORIS/LoKr": ("lycoris.kohya", "lokr", (*LYCORIS_KEYS, "factor", "use_cp", "decompose_both")),
 }
-# LyCORIS switches the GUI passes for LoCon/LoHa/LoKr that loracli's networks do not implement.
-LYCORIS_UNSUPPORTED = {"bypass_mode", "dora_wd"}
+# Switches kohya_ss passes to LyCORIS that loracli's networks do not implement (reported when on).
+LYCORIS_UNSUPPORTED = {
+    "bypass_mode": "LyCORIS' bypass mode (the adapter runs beside the frozen layer) is not implemented by loracli",
+    "decompose_both": "LoKr decompose_both (both Kronecker factors low-rank) is not implemented by loracli",
+}
+# Keys kohya_ss passes only when set (a value of 0, "" or false passes nothing): LoRA+ for every type.
+PASSED_IF_SET = set(LORAPLUS_KEYS)
 # Every network-shaping GUI key: used by some LoRA types, ignored by the others.
 NETWORK_KEYS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "use_tucker", "use_scalar",
                 "rank_dropout_scale", "train_norm", "factor", "use_cp", "decompose_both", "train_on_input", "unit",
-                "constrain", "rescaled", "LyCORIS_preset", "block_dims", "block_alphas", "conv_block_dims",
-                "conv_block_alphas", "conv_dims", "conv_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
-                "block_lr_zero_threshold", "bypass_mode", "dora_wd", "loraplus_lr_ratio",
-                "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
-BLOCK_KEYS = {"block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "conv_dims", "conv_alphas",
-              "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"}
+                "constrain", "rescaled", "LyCORIS_preset", *KOHYA_BLOCK_KEYS, "conv_dims", "conv_alphas",
+                "bypass_mode", "dora_wd", *LORAPLUS_KEYS}
+# Early GUI names (kohya_ss, April-July 2023): passed as network_args that sd-scripts' networks.lora never read;
+# the GUI now has conv_block_dims/conv_block_alphas and only old presets still hold these (empty).
+OLD_GUI_KEYS = {"conv_dims": "conv_block_dims", "conv_alphas": "conv_block_alphas"}
 
 # GUI keys passed through under the same sd-scripts name when "set" (non-empty; numbers > 0 where the GUI
 # drops 0).
@@ -357,17 +367,17 @@ def _network(data: dict[str, Any], take: Any, result: ImportResult, args: _Args)
         if key not in data:
             continue
         value = take(key)
+        off = _empty(value) or value == 0 or (isinstance(value, str) and not value.strip())
         if key not in used:
-            if _empty(value) or value == 0 or value is False or key in BLOCK_KEYS and not value:
+            if off:
                 result.unset(key)
-            elif key in BLOCK_KEYS:
-                result.skip(key, "block-wise dims, alphas and learning rates are not supported by loracli")
-            elif algo is not None and key in LYCORIS_UNSUPPORTED:
-                result.skip(key, f"kohya_ss passes {key}={value} to LyCORIS; loracli does not support it")
+            elif key in OLD_GUI_KEYS:
+                result.skip(key, f"an early kohya_ss GUI name that sd-scripts' networks.lora never read (it reads "
+                                 f"{OLD_GUI_KEYS[key]}); the GUI no longer passes it")
             else:
                 result.skip(key, f"not used by LoRA_type {lora_type} (kohya_ss does not pass it)")
             continue
-        if algo is None and (_empty(value) or value == 0):  # kohya's networks.lora: only set values are passed
+        if (algo is None or key in PASSED_IF_SET) and off:  # passed only when set
             result.unset(key)
             continue
         if isinstance(value, bool):
@@ -379,10 +389,18 @@ def _network(data: dict[str, Any], take: Any, result: ImportResult, args: _Args)
             text = str(int(value))
         else:
             text = str(value)
-        if key == "decompose_both":
-            result.skip(key, "LoKr decompose_both is not supported by loracli")
+        if key in LYCORIS_UNSUPPORTED:
+            result.skip(key, f"kohya_ss passes {key}={text} to LyCORIS; {LYCORIS_UNSUPPORTED[key]}")
             continue
-        items.append(f"{key}={text}")
+        # The GUI drops double quotes and splits its network_args at whitespace; sd-scripts reads each piece
+        # as key=value, so a value with spaces inside does not reach it whole.
+        pieces = f"{key}={text.replace(chr(34), '')}".split()
+        if len(pieces) != 1 or not pieces[0].startswith(f"{key}="):
+            result.skip(key, f"kohya_ss splits network_args at spaces, so {text!r} reaches sd-scripts as "
+                             f"{' '.join(repr(p) for p in pieces)}, which it cannot read as key=value: "
+                             "write the value without spaces")
+            continue
+        items.append(pieces[0])
         args.labels[f"network_args.{key}"] = key
     if algo is not None:
         args.labels["network_args.algo"] = "LoRA_type"

@@ -243,11 +243,139 @@ def test_kohya_ss_lokr_passes_use_tucker(tmp_path):
     result = import_file(tmp_path / "p.json")
     assert result.values["network"]["use_tucker"] is True
     assert "use_tucker" not in result.unsupported
-    # dora_wd is passed by the GUI for LyCORIS types: reported as unsupported by loracli, not as unused
-    data.update({"dora_wd": True})
+    # dora_wd is passed by the GUI for LyCORIS types (dora_wd={dora_wd}): LyCORIS' DoRA in loracli too
+    data.update({"dora_wd": True, "decompose_both": True})
     (tmp_path / "p.json").write_text(json.dumps(data))
-    reason = import_file(tmp_path / "p.json").unsupported["dora_wd"]
-    assert "loracli does not support" in reason and "does not pass" not in reason
+    result = import_file(tmp_path / "p.json")
+    assert result.values["network"]["dora_wd"] is True and "dora_wd" not in result.unsupported
+    assert "decompose_both" in result.unsupported["decompose_both"]
+
+
+# kohya_gui/lora_gui.py train_model: Standard/Kohya LoCon pass the block-wise keys as networks.lora
+# network_args when set; LoCon/LoHa/LoKr (lycoris.kohya) pass preset, dora_wd and bypass_mode; every type gets
+# the LoRA+ ratios that are set (append_loraplus_network_args).
+GUI_BLOCKS = {"block_dims": "2,4,4,4,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8", "block_alphas": "",
+              "conv_block_dims": "", "conv_block_alphas": "", "down_lr_weight": "sine", "mid_lr_weight": "0.5",
+              "up_lr_weight": "1,1,1,1,1,1,1,1,1,1,1,0", "block_lr_zero_threshold": "0.1",
+              "loraplus_lr_ratio": 16, "loraplus_unet_lr_ratio": 0, "loraplus_text_encoder_lr_ratio": 0}
+BLOCK_AND_PLUS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                  "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
+                  "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "dora_wd")
+
+
+def _gui_json_for_tiny(tmp_path: Path, make_image, name: str, **values) -> Path:
+    """A kohya_ss GUI JSON (the shipped Standard one) on the built-in tiny model and a tiny dataset."""
+    from tests.pure.cli_helpers import make_dataset
+
+    data = json.loads((DATA / "kohya_ss_lora.json").read_text())
+    data.update({"pretrained_model_name_or_path": "tiny:sd15", "max_resolution": "128,128",
+                 "min_bucket_reso": 64, "max_bucket_reso": 256, "max_token_length": "75",
+                 "train_data_dir": str(make_dataset(tmp_path, make_image)), "output_dir": str(tmp_path / "out"),
+                 "logging_dir": "", "optimizer": "AdamW", "optimizer_args": "", **values})
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _import_and_plan(path: Path):
+    out = path.with_suffix(".toml")
+    res = run_cli("import", path, "-o", out)
+    assert res.exit_code == 0, res.output
+    plan = run_cli("plan", "--config", out, "--json")
+    assert plan.exit_code == 0, plan.output
+    assert json.loads(plan.stdout)["errors"] == []
+    return tomllib.loads(out.read_text()), out.read_text()
+
+
+def test_kohya_ss_standard_block_weights_and_loraplus(tmp_path, make_image):
+    path = _gui_json_for_tiny(tmp_path, make_image, "std.json", **GUI_BLOCKS, dora_wd=True)
+    result = import_file(path)
+    net = result.values["network"]
+    assert net["network_module"] == "networks.lora" and net["algo"] == "lora"
+    assert net["block_dims"] == [2, 4, 4, 4] + [8] * 21
+    assert net["down_lr_weight"] == "sine" and net["mid_lr_weight"] == [0.5]
+    assert net["up_lr_weight"] == [1.0] * 11 + [0.0] and net["block_lr_zero_threshold"] == 0.1
+    assert net["loraplus_lr_ratio"] == 16
+    # set values are passed, "" and 0 are not (the GUI's `if value`)
+    assert {"block_alphas", "conv_block_dims", "conv_block_alphas", "loraplus_unet_lr_ratio",
+            "loraplus_text_encoder_lr_ratio"} <= set(result.empty)
+    assert "loraplus_unet_lr_ratio" not in net and "block_alphas" not in net
+    # Standard does not pass dora_wd (only the LyCORIS types do)
+    assert "does not pass it" in result.unsupported["dora_wd"]
+    toml, text = _import_and_plan(path)
+    assert toml["network"]["block_dims"][0] == 2 and toml["network"]["loraplus_lr_ratio"] == 16
+    for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims"):
+        assert f"#   {key}:" not in text  # not in the "Not imported" account
+
+
+def test_kohya_ss_kohya_locon_passes_block_keys_too(tmp_path):
+    data = json.loads((DATA / "kohya_ss_lora.json").read_text())
+    data.update({"LoRA_type": "Kohya LoCon", "conv_dim": 4, "conv_alpha": 2, "conv_block_dims": "4," * 24 + "4",
+                 "block_dims": "8," * 24 + "8", "loraplus_unet_lr_ratio": 8})
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    net = import_file(tmp_path / "p.json").values["network"]
+    assert (net["conv_dim"], net["conv_alpha"], net["conv_block_dims"]) == (4, 2.0, [4] * 25)
+    assert net["block_dims"] == [8] * 25 and net["loraplus_unet_lr_ratio"] == 8
+    # without block_dims or an lr weight sd-scripts ignores conv_block_dims; loracli's rule says so
+    data["block_dims"] = ""
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    assert "E54" in import_file(tmp_path / "p.json").unsupported["conv_block_dims"]
+
+
+def test_kohya_ss_lycoris_locon_dora_preset_and_loraplus(tmp_path, make_image):
+    path = _gui_json_for_tiny(tmp_path, make_image, "locon.json", LoRA_type="LyCORIS/LoCon",
+                              LyCORIS_preset="attn-mlp", dora_wd=True, bypass_mode=False, loraplus_lr_ratio=4,
+                              conv_dim=1, conv_alpha=1, network_dim=8, network_alpha=4, **{
+                                  k: "" for k in GUI_BLOCKS if not k.startswith("loraplus")})
+    result = import_file(path)
+    net = result.values["network"]
+    assert net["network_module"] == "lycoris.kohya" and net["algo"] == "locon"
+    assert net["lycoris_preset"] == "attn-mlp" and net["dora_wd"] is True and net["loraplus_lr_ratio"] == 4
+    # the GUI always passes conv_dim/conv_alpha; attn-mlp wraps no 3x3 convs, so LyCORIS ignores them
+    assert "conv_dim" not in net and "E56" in result.unsupported["conv_dim"]
+    assert "bypass_mode" in result.empty
+    toml, _ = _import_and_plan(path)
+    assert toml["network"]["dora_wd"] is True and toml["network"]["lycoris_preset"] == "attn-mlp"
+    # block-wise keys are networks.lora's: the LyCORIS types do not pass them
+    data = json.loads(path.read_text())
+    data.update({"block_dims": "4," * 24 + "4", "bypass_mode": True})
+    path.write_text(json.dumps(data))
+    result = import_file(path)
+    assert "does not pass it" in result.unsupported["block_dims"] and "block_dims" not in result.values["network"]
+    assert "not implemented by loracli" in result.unsupported["bypass_mode"]
+
+
+def test_kohya_ss_network_values_kohya_ss_cannot_pass_are_reported(tmp_path):
+    data = json.loads((DATA / "kohya_ss_lora.json").read_text())
+    data.update({"block_dims": "2, 4, 4", "mid_lr_weight": "x", "block_alphas": "-1," * 24 + "1",
+                 "conv_dims": "4,4"})
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    result = import_file(tmp_path / "p.json")  # no crash: each is reported
+    assert "splits network_args at spaces" in result.unsupported["block_dims"]
+    assert "'x'" in result.unsupported["mid_lr_weight"]
+    assert "block_alphas" in result.unsupported and "block_alphas" not in result.values["network"]
+    assert "conv_block_dims" in result.unsupported["conv_dims"]
+    assert set(data) == accounted(result)
+
+
+@pytest.mark.parametrize("lora_type", ["Standard", "Kohya LoCon", "LyCORIS/LoCon", "LyCORIS/LoHa"])
+def test_kohya_ss_no_longer_calls_passed_network_keys_unsupported(tmp_path, lora_type):
+    data = json.loads((DATA / "kohya_ss_lora.json").read_text())
+    data.update({**GUI_BLOCKS, "LoRA_type": lora_type, "dora_wd": True, "loraplus_unet_lr_ratio": 2,
+                 "loraplus_text_encoder_lr_ratio": 3})
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    result = import_file(tmp_path / "p.json")
+    for key in BLOCK_AND_PLUS:
+        reason = result.unsupported.get(key, "")
+        assert "not supported by loracli" not in reason and "loracli does not support" not in reason, (key, reason)
+    lycoris = lora_type.startswith("LyCORIS")
+    assert ("dora_wd" in result.mapped) == lycoris
+    assert ("block_dims" in result.mapped) == (not lycoris)
+    # LoRA+ is passed for every type; loracli refuses it on LoHa (no lora_up matrices: E52), with that reason
+    if lora_type == "LyCORIS/LoHa":
+        assert "E52" in result.unsupported["loraplus_lr_ratio"]
+    else:
+        assert result.values["network"]["loraplus_text_encoder_lr_ratio"] == 3
 
 
 # --- shell scripts ---------------------------------------------------------------------------------------------
