@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from loracli.config.loader import resolve_config
+from loracli.errors import ConfigError
 from loracli.plan import build_plan
 from loracli.run.fp8 import FP8, compute_dtype, store_in_fp8
 from loracli.run.precision import allow_fp16_unscale, network_dtype
@@ -88,13 +89,16 @@ def test_the_network_dtype_follows_full_fp16_and_full_bf16_and_falls_back_on_a_c
     assert len(said) == 1 and "full_fp16" in said[0] and "fp32" in said[0]
 
 
-def test_full_fp16_trains_with_the_network_and_adam_state_in_fp16(tmp_path, make_image, monkeypatch):
-    """fp16 mixed precision needs CUDA in loracli (a CPU falls back to fp32); torch's CPU autocast does
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_full_precision_trains_with_the_network_and_adam_state_in_half(tmp_path, make_image, monkeypatch,
+                                                                       precision, dtype):
+    """full_fp16 / full_bf16: parameters, Adam moments and the saved file in the half dtype.
+    fp16 mixed precision needs CUDA in loracli (a CPU falls back to fp32); torch's CPU autocast does
     run fp16, so the run is forced to fp16 here to see full_fp16's parameters, moments and file.
     AdamW's default eps (1e-8) is 0 in fp16 and its squared gradients underflow (W80): eps 1e-3 here."""
     from loracli.run import train as train_module
 
-    run_dir = make_run(tmp_path, make_image, 'mixed_precision = "fp16"\nfull_fp16 = true',
+    run_dir = make_run(tmp_path, make_image, f'mixed_precision = "{precision}"\nfull_{precision} = true',
                        optimizer="optimizer_args = { eps = 1e-3 }")
     monkeypatch.setattr(train_module, "resolve_mixed_precision", lambda requested, log: requested)
     built = []
@@ -108,14 +112,21 @@ def test_full_fp16_trains_with_the_network_and_adam_state_in_fp16(tmp_path, make
     monkeypatch.setattr(train_module, "build_optimizer", spy)
     final = train_module.train(run_dir)
     params = [p for g in built[0].param_groups for p in g["params"]]
-    assert params and all(p.dtype == torch.float16 for p in params)
+    assert params and all(p.dtype == dtype for p in params)
     moments = [t for s in built[0].state.values() for k, t in s.items() if k.startswith("exp_avg")]
-    assert moments and all(t.dtype == torch.float16 for t in moments)
+    assert moments and all(t.dtype == dtype for t in moments)
     with safe_open(str(final), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith("weight")} == {torch.float16}
+        assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith("weight")} == {dtype}
     meta = metadata(final)
-    assert meta["ss_full_fp16"] == "True" and meta["ss_mixed_precision"] == "fp16"
+    # sd-scripts records full_fp16 only (ss_full_fp16), not full_bf16
+    assert meta["ss_full_fp16"] == str(precision == "fp16") and meta["ss_mixed_precision"] == precision
     assert len(losses(run_dir)) == 3 and all(0 < v < 10 for v in losses(run_dir))
+
+    # without the matching mixed precision the plan refuses it, as sd-scripts asserts
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(cfg.read_text().replace(f'mixed_precision = "{precision}"', 'mixed_precision = "no"'))
+    with pytest.raises(ConfigError, match={"fp16": "E80", "bf16": "E30"}[precision]):
+        build_plan(resolve_config(cfg))
 
 
 # --- fp8_base ----------------------------------------------------------------------------------
