@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,15 +14,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import write_image
+from tests.smoke.conftest import CONFIG, make_smoke_dataset
+
 SETS = ["training.max_train_epochs=10", "output.save_every_n_epochs=2", "output.save_state_every_n_steps=1",
         "optimizer.lr_scheduler='cosine'",
         # sampling between steps must neither be redone nor skipped, nor disturb the seeded stream
         "sample.sample_prompts='prompts.txt'", "sample.sample_every_n_steps=7"]
 
 
+PROMPTS = "thing0 --w 64 --h 64 --s 2\n"
+
+
 @pytest.fixture(autouse=True)
 def prompts(smoke_project):
-    (smoke_project.parent / "prompts.txt").write_text("thing0 --w 64 --h 64 --s 2\n")
+    (smoke_project.parent / "prompts.txt").write_text(PROMPTS)
 
 
 def command(cfg: Path, *extra: str) -> list[str]:
@@ -46,11 +53,19 @@ def wait_for_steps(run_parent: Path, steps: int, proc: subprocess.Popen, timeout
     raise AssertionError("training did not reach the step in time")
 
 
-@pytest.fixture
-def reference_run(smoke_project):
-    done = subprocess.run(command(smoke_project, "--output-dir", "reference"), capture_output=True, text=True)
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted run of the same data and config, shared by the tests that compare with it."""
+    root = tmp_path_factory.mktemp("reference")
+    make_smoke_dataset(root, write_image)
+    (root / "prompts.txt").write_text(PROMPTS)
+    cfg = root / "loracli.toml"
+    cfg.write_text(CONFIG)
+    env = {**os.environ, "LORACLI_CACHE": os.environ.get("LORACLI_CACHE", str(Path.home() / ".cache" / "loracli"))}
+    done = subprocess.run(command(cfg, "--output-dir", "reference"), cwd=root, env=env, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
-    return only_run(smoke_project, "reference")
+    return only_run(cfg, "reference")
 
 
 def assert_same_outcome(run: Path, reference: Path) -> None:
