@@ -28,7 +28,7 @@ from loracli.buckets import (
 from loracli.config.loader import ResolvedConfig
 from loracli.config.schema import DatasetSection, LoracliConfig
 from loracli.dataset.masks import plan_pixels
-from loracli.dataset.scan import DatasetScan, SubsetSource, scan_dataset, scan_dataset_config
+from loracli.dataset.scan import DatasetScan, scan_dataset, scan_dataset_config
 from loracli.dataset.subsets import DatasetSpec, dataset_specs, differing_options
 from loracli.errors import ConfigError, DatasetError, Problem
 from loracli.family import ModelFamily
@@ -432,9 +432,7 @@ class PlannedDatasets:
 def plan_datasets(resolved: ResolvedConfig, holdout: Holdout, notes: list[str]) -> PlannedDatasets:
     """Scan and bucket each [[datasets]] entry with its own resolution and bucket options."""
     specs = dataset_specs(resolved.config)
-    sources = [[SubsetSource(s.key, s.dataset, s.index, s.image_dir, s.num_repeats, s.is_reg, s.class_tokens,
-                             s.options.caption_extension) for s in spec.subsets] for spec in specs]
-    scans = scan_dataset_config(sources, holdout)
+    scans = scan_dataset_config([spec.subsets for spec in specs], holdout)
     held = holdout.held_out_subsets()
     per_dataset, ar_per_dataset, held_out = [], [], []
     for spec, scan in zip(specs, scans):

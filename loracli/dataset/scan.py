@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loracli.dataset.images import (
     extension,
@@ -27,6 +28,9 @@ from loracli.dataset.images import (
     sd_scripts_linux_accepts,
 )
 from loracli.errors import DatasetError, Problem
+
+if TYPE_CHECKING:
+    from loracli.dataset.subsets import SubsetSpec
 
 CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
 # Side files a dataset folder commonly holds; not worth a warning each.
@@ -324,21 +328,7 @@ def _report_extensions(out: _Collector, other_caption_warning: Callable[[str, in
         out.warnings.append(other_caption_warning(ext, count))
 
 
-@dataclass(frozen=True)
-class SubsetSource:
-    """One [[datasets.subsets]] folder as the scan needs it (loracli.dataset.subsets resolves the config)."""
-
-    key: str  # "datasets[0].subsets[1]"
-    dataset: int
-    index: int
-    image_dir: Path
-    num_repeats: int
-    is_reg: bool
-    class_tokens: str | None
-    caption_extension: str
-
-
-def scan_dataset_config(datasets: list[list[SubsetSource]],
+def scan_dataset_config(datasets: Sequence[Sequence[SubsetSpec]],
                         holdout: Callable[[list[Subset]], list[Subset]] | None = None) -> list[DatasetScan]:
     """sd-scripts' DreamBooth datasets of a dataset config, one DatasetScan each.
 
@@ -360,7 +350,7 @@ def scan_dataset_config(datasets: list[list[SubsetSource]],
     for subsets, out in zip(datasets, collectors):
         found = []
         for src in subsets:
-            ext = src.caption_extension if src.caption_extension.startswith(".") else "." + src.caption_extension
+            ext = src.options.caption_extension  # dotted by the schema
             subset = _scan_folder(Path(src.image_dir), src.num_repeats, src.class_tokens or "", src.is_reg, ext, out)
             if subset.images:  # sd-scripts ignores a subset without images (with a warning)
                 found.append(replace(subset, dataset=src.dataset, index=src.index))
